@@ -1,0 +1,26 @@
+"""spark-me: SparK masked image modelling for CNNs on genuine sparse tensors (MinkowskiEngine).
+
+Names are resolved lazily so that `python3 -m spark_me.bootstrap` runs with a bare interpreter
+(no torch, no MinkowskiEngine) and the CLI starts fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY: dict[str, str] = {
+    "sparsify": "spark_me.sparse.tensor",
+    "densify": "spark_me.sparse.tensor",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'spark_me' has no attribute {name!r}")

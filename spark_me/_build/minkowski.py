@@ -1,0 +1,340 @@
+"""Reproducible, cached build of MinkowskiEngine 0.5.4 for a given Python interpreter.
+
+ME exists on PyPI only as a 2021 source distribution that does not build on a modern stack as is.
+This module owns that step: fetch the sdist by name from the package index (hash-checked), apply
+this project's patch files, build a wheel once, and cache it outside the repo under a key made of
+(python tag, torch version, CUDA/arch, patch-set hash). A warm cache makes the step take seconds.
+
+Standard library only: it runs before the virtual environment has anything installed, and it asks
+the *target* interpreter (the venv's python) for its torch version instead of importing torch.
+
+    python -m spark_me._build.minkowski [--python .venv/bin/python] [--cuda] [--arch "8.0;9.0"]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("spark_me.build")
+
+ME_VERSION = "0.5.4"
+SDIST_NAME = f"MinkowskiEngine-{ME_VERSION}.tar.gz"
+SDIST_SHA256 = "b1879c00d0b0b1d30ba622cce239886a7e3c78ee9da1064cdfe2f64c2ab15f94"
+DEFAULT_INDEX = "https://pypi.org/simple"
+PATCH_DIR = Path(__file__).parent / "patches" / f"minkowskiengine-{ME_VERSION}"
+BUILD_STAMP = "spark-me-minkowski-build.json"  # written into the target's sys.prefix
+
+
+class BuildError(RuntimeError):
+    """The ME build cannot proceed; the message says what to do."""
+
+
+def cache_root() -> Path:
+    """Outside the repo so that fresh clones and `git clean` keep the multi-minute build."""
+    if os.environ.get("SPARK_ME_CACHE"):
+        return Path(os.environ["SPARK_ME_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "spark-me"
+
+
+def patch_files() -> list[Path]:
+    patches = sorted(PATCH_DIR.glob("*.patch"))
+    if not patches:
+        raise BuildError(f"no patch files found in {PATCH_DIR}")
+    return patches
+
+
+def patch_reason(patch: Path) -> str:
+    """Each patch starts with a 'Reason: ...' line that says why it exists."""
+    first = patch.read_text().splitlines()[0]
+    if not first.startswith("Reason: "):
+        raise BuildError(f"{patch.name} must start with a 'Reason: ...' line")
+    return first[len("Reason: ") :]
+
+
+def patch_set_hash() -> str:
+    digest = hashlib.sha256()
+    for patch in patch_files():
+        digest.update(patch.name.encode() + b"\0" + patch.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the wheel is tied to: the interpreter, its torch, and the CUDA flavour built."""
+
+    python: str  # path of the interpreter that will import ME
+    python_tag: str  # e.g. cp311
+    torch: str  # e.g. 2.14.1+cu130
+    cuda: str | None  # CUDA version to build for (None: CPU only)
+    arch_list: str | None  # TORCH_CUDA_ARCH_LIST for CUDA builds
+
+    @property
+    def key(self) -> str:
+        flavour = "cpu" if self.cuda is None else f"cu{self.cuda}-sm{self.arch_list}"
+        flavour = re.sub(r"[^A-Za-z0-9.+_-]", "_", flavour)
+        return f"me{ME_VERSION}-{self.python_tag}-torch{self.torch}-{flavour}-patches{patch_set_hash()}"
+
+
+def probe_target(python: str, cuda: bool, arch_list: str | None) -> Target:
+    """Ask the target interpreter (not this one) which torch it has."""
+    code = (
+        "import json, sys, torch;"
+        "print(json.dumps({'tag': 'cp%d%d' % sys.version_info[:2], 'torch': torch.__version__,"
+        " 'cuda': torch.version.cuda}))"
+    )
+    try:
+        out = subprocess.run([python, "-c", code], check=True, capture_output=True, text=True)
+    except subprocess.CalledProcessError as err:
+        raise BuildError(
+            f"{python} cannot import torch; install torch before building ME:\n{err.stderr}"
+        ) from err
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    if cuda and not info["cuda"]:
+        raise BuildError(f"--cuda asked for, but torch {info['torch']} in {python} has no CUDA")
+    if cuda and not arch_list:
+        arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0"
+    return Target(
+        python=python,
+        python_tag=info["tag"],
+        torch=info["torch"],
+        cuda=info["cuda"] if cuda else None,
+        arch_list=arch_list if cuda else None,
+    )
+
+
+def _index_url() -> str:
+    return (os.environ.get("PIP_INDEX_URL") or DEFAULT_INDEX).rstrip("/")
+
+
+def fetch_sdist(cache: Path) -> Path:
+    """Download the sdist by name from the package index's simple API, checking its sha256."""
+    dest = cache / "sdist" / SDIST_NAME
+    if dest.exists() and _sha256(dest) == SDIST_SHA256:
+        return dest
+    page_url = f"{_index_url()}/minkowskiengine/"
+    log.info("fetching %s from %s", SDIST_NAME, page_url)
+    with urllib.request.urlopen(page_url, timeout=60) as resp:
+        page = resp.read().decode()
+    match = re.search(r'href="([^"]*/' + re.escape(SDIST_NAME) + r')(?:#[^"]*)?"', page)
+    if not match:
+        raise BuildError(f"{SDIST_NAME} is not listed at {page_url}")
+    url = urllib.request.urljoin(page_url, match.group(1).replace("&amp;", "&"))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".part")
+    with urllib.request.urlopen(url, timeout=120) as resp, open(tmp, "wb") as fh:
+        shutil.copyfileobj(resp, fh)
+    if _sha256(tmp) != SDIST_SHA256:
+        tmp.unlink()
+        raise BuildError(f"sha256 of downloaded {SDIST_NAME} does not match {SDIST_SHA256}")
+    tmp.replace(dest)
+    return dest
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def unpack_and_patch(sdist: Path, workdir: Path) -> Path:
+    with tarfile.open(sdist) as tar:
+        extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(workdir, **extra)
+    src = workdir / f"MinkowskiEngine-{ME_VERSION}"
+    patch_tool = shutil.which("patch")
+    for patch in patch_files():
+        log.info("patch %s: %s", patch.name, patch_reason(patch))
+        if patch_tool:
+            cmd = [patch_tool, "-p1", "--forward", "--batch", "--silent", "-i", str(patch)]
+        else:
+            cmd = ["git", "apply", "-p1", str(patch)]
+        result = subprocess.run(cmd, cwd=src, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise BuildError(f"patch {patch.name} does not apply:\n{result.stdout}{result.stderr}")
+    return src
+
+
+def ensure_blas() -> None:
+    """CPU convolutions in ME call cblas; Debian's libopenblas-dev provides it."""
+    if _has_openblas():
+        return
+    hint = "apt-get install -y libopenblas-dev  (Debian/Ubuntu; conda: openblas)"
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        log.info("OpenBLAS headers missing: running apt-get install libopenblas-dev")
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-qq"], check=False, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "libopenblas-dev"], check=False, env=env)
+        if _has_openblas():
+            return
+    raise BuildError(f"OpenBLAS (cblas.h and libopenblas.so) is needed to build ME. Install it: {hint}")
+
+
+def _has_openblas() -> bool:
+    include_dirs = [Path("/usr/include"), *Path("/usr/include").glob("*-linux-gnu")]
+    if os.environ.get("CONDA_PREFIX"):
+        include_dirs.append(Path(os.environ["CONDA_PREFIX"]) / "include")
+    has_header = any((d / "cblas.h").exists() for d in include_dirs)
+    lib_dirs = [Path("/usr/lib"), Path("/lib"), *Path("/usr/lib").glob("*-linux-gnu")]
+    if os.environ.get("CONDA_PREFIX"):
+        lib_dirs.append(Path(os.environ["CONDA_PREFIX"]) / "lib")
+    has_lib = any((d / "libopenblas.so").exists() for d in lib_dirs)
+    return has_header and has_lib
+
+
+def _heartbeat(logfile: Path, started: float, done: threading.Event) -> None:
+    """Long builds show progress: elapsed time and the source file being compiled."""
+    while not done.wait(30):
+        current = ""
+        try:
+            tail = logfile.read_text(errors="replace")[-4000:]
+            files = re.findall(r"(\w+\.(?:cpp|cu))\b", tail)
+            current = f", compiling {files[-1]}" if files else ""
+        except OSError:
+            pass
+        log.info("  ... %d s elapsed%s", time.monotonic() - started, current)
+
+
+def build_wheel(target: Target, src: Path, outdir: Path, logfile: Path) -> Path:
+    jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+    env = dict(os.environ, MAX_JOBS=jobs, ME_BLAS=os.environ.get("ME_BLAS", "openblas"))
+    conda = os.environ.get("CONDA_PREFIX")
+    if conda and (Path(conda) / "include" / "cblas.h").exists():  # conda's openblas, not Debian's
+        env.setdefault("ME_BLAS_INCLUDE_DIRS", f"{conda}/include")
+        env.setdefault("ME_BLAS_LIBRARY_DIRS", f"{conda}/lib")
+    if target.cuda is None:
+        env["ME_CPU_ONLY"] = "1"
+        estimate = f"~6 min on 2 cores, {jobs} jobs"
+    else:
+        env.update(ME_FORCE_CUDA="1", TORCH_CUDA_ARCH_LIST=target.arch_list or "")
+        estimate = f"~1 CPU-hour per arch ({target.arch_list}), {jobs} jobs"
+    log.info("building ME %s wheel for %s (%s); log: %s", ME_VERSION, target.key, estimate, logfile)
+    cmd = [target.python, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation", "-w", str(outdir), str(src)]
+    started = time.monotonic()
+    done = threading.Event()
+    watcher = threading.Thread(target=_heartbeat, args=(logfile, started, done), daemon=True)
+    with open(logfile, "w") as fh:
+        watcher.start()
+        try:
+            result = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        finally:
+            done.set()
+    if result.returncode != 0:
+        tail = logfile.read_text(errors="replace")[-3000:]
+        raise BuildError(f"ME build failed (exit {result.returncode}); end of {logfile}:\n{tail}")
+    wheels = [w for w in outdir.glob("*.whl") if w.name.lower().startswith("minkowskiengine-")]
+    if len(wheels) != 1:
+        raise BuildError(f"expected one wheel in {outdir}, found {wheels}")
+    log.info("built %s in %.0f s", wheels[0].name, time.monotonic() - started)
+    return wheels[0]
+
+
+def cached_wheel(target: Target) -> Path | None:
+    wheels = sorted((cache_root() / "wheels" / target.key).glob("[mM]inkowski[eE]ngine-*.whl"))
+    return wheels[0] if wheels else None
+
+
+def ensure_wheel(target: Target) -> Path:
+    """The cached wheel for this target, building it (atomically) if absent."""
+    wheel = cached_wheel(target)
+    if wheel:
+        return wheel
+    cache = cache_root()
+    ensure_blas()
+    sdist = fetch_sdist(cache)
+    final = cache / "wheels" / target.key
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="me-build-", dir=final.parent) as tmp:
+        tmpdir = Path(tmp)
+        src = unpack_and_patch(sdist, tmpdir / "src")
+        outdir = tmpdir / "wheel"
+        outdir.mkdir()
+        logfile = cache / "logs" / f"{target.key}.log"
+        logfile.parent.mkdir(parents=True, exist_ok=True)
+        wheel = build_wheel(target, src, outdir, logfile)
+        (outdir / "build-info.json").write_text(json.dumps(target.__dict__ | {"key": target.key}, indent=1))
+        outdir.replace(final)  # atomic: a half-built wheel never looks cached
+    return final / wheel.name
+
+
+def installed_key(python: str) -> str | None:
+    code = f"import sys, pathlib; p = pathlib.Path(sys.prefix) / {BUILD_STAMP!r}; print(p.read_text() if p.exists() else '')"
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True)
+    return out.stdout.strip() or None
+
+
+def install(target: Target, wheel: Path) -> None:
+    log.info("installing %s into %s", wheel.name, target.python)
+    subprocess.run(
+        [target.python, "-m", "pip", "install", "--quiet", "--no-deps", "--force-reinstall", str(wheel)],
+        check=True,
+    )
+    code = (
+        f"import sys, pathlib; pathlib.Path(sys.prefix, {BUILD_STAMP!r}).write_text({target.key!r})"
+    )
+    subprocess.run([target.python, "-c", code], check=True)
+
+
+def check_import(python: str) -> str:
+    code = "import MinkowskiEngine as ME; print(ME.__version__)"
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise BuildError(f"MinkowskiEngine does not import in {python}:\n{out.stderr[-3000:]}")
+    return out.stdout.strip()
+
+
+def ensure_minkowski(python: str, cuda: bool = False, arch_list: str | None = None) -> Target:
+    """Make `import MinkowskiEngine` work in `python`, building at most once per target key."""
+    target = probe_target(python, cuda, arch_list)
+    if installed_key(python) == target.key:
+        check_import(python)
+        log.info("MinkowskiEngine %s already installed (%s)", ME_VERSION, target.key)
+        return target
+    wheel = cached_wheel(target)
+    if wheel:
+        log.info("using cached ME wheel %s", wheel)
+    else:
+        wheel = ensure_wheel(target)
+    install(target, wheel)
+    log.info("MinkowskiEngine %s ready (%s)", check_import(python), target.key)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--python", default=sys.executable, help="interpreter to install ME into")
+    parser.add_argument("--cuda", action="store_true", help="build the CUDA extension (needs nvcc)")
+    parser.add_argument("--arch", default=None, help='TORCH_CUDA_ARCH_LIST, e.g. "8.0;9.0"')
+    parser.add_argument("--wheel-only", action="store_true", help="build/cache the wheel, do not install")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.wheel_only:
+            print(ensure_wheel(probe_target(args.python, args.cuda, args.arch)))
+        else:
+            ensure_minkowski(args.python, args.cuda, args.arch)
+    except BuildError as err:
+        log.error("error: %s", err)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

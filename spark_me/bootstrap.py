@@ -1,0 +1,114 @@
+"""One-command set-up: virtual environment at .venv, pinned dependencies, MinkowskiEngine, then a job.
+
+    python3 -m spark_me.bootstrap pretrain [args...]   # the main job
+    python3 -m spark_me.bootstrap test [pytest args...] # the test suite
+    python3 -m spark_me.bootstrap setup|lint|format|smoke
+
+Standard library only, so that it runs with the machine's bare python3 before anything is
+installed. Every step is skipped when already done (dependency stamp, cached ME wheel), so a second
+run starts the job within seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from spark_me._build import minkowski
+
+log = logging.getLogger("spark_me.bootstrap")
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = Path(os.environ.get("SPARK_ME_VENV", ROOT / ".venv"))
+EXTRAS = os.environ.get("SPARK_ME_EXTRAS", "pinned,build,dev")
+DEPS_STAMP = "spark-me-deps.sha256"
+MIN_PYTHON = (3, 11)
+
+
+def venv_python() -> Path:
+    return VENV / "bin" / "python"
+
+
+def ensure_venv() -> None:
+    if venv_python().exists():
+        return
+    log.info("creating virtual environment %s", VENV)
+    subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+
+
+def deps_fingerprint() -> str:
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes())
+    digest.update(EXTRAS.encode())
+    return digest.hexdigest()
+
+
+def ensure_deps() -> None:
+    """pip install -e .[extras] once per pyproject/extras change (pip's no-op resolve alone is slow)."""
+    stamp = VENV / DEPS_STAMP
+    fingerprint = deps_fingerprint()
+    if stamp.exists() and stamp.read_text().strip() == fingerprint:
+        log.info("dependencies up to date (%s)", VENV)
+        return
+    log.info("installing spark-me[%s] into %s (torch is large: a few minutes the first time)", EXTRAS, VENV)
+    started = time.monotonic()
+    python = str(venv_python())
+    subprocess.run([python, "-m", "pip", "install", "--quiet", "--upgrade", "pip"], check=True)
+    subprocess.run([python, "-m", "pip", "install", "--quiet", "-e", f"{ROOT}[{EXTRAS}]"], check=True)
+    stamp.write_text(fingerprint)
+    log.info("dependencies installed in %.0f s", time.monotonic() - started)
+
+
+def setup() -> None:
+    if sys.version_info < MIN_PYTHON:
+        raise SystemExit(
+            f"spark-me needs Python >= {'.'.join(map(str, MIN_PYTHON))}; this is {sys.version.split()[0]}. "
+            "Run the command with a newer python3."
+        )
+    ensure_venv()
+    ensure_deps()
+    minkowski.ensure_minkowski(str(venv_python()))
+
+
+def run_in_venv(args: list[str]) -> int:
+    log.info("running: %s", " ".join(args))
+    return subprocess.run([str(venv_python()), *args], cwd=ROOT).returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="[spark-me] %(message)s")
+    command, rest = (argv[0], argv[1:]) if argv else ("help", [])
+    jobs = {
+        # Pretraining lands with its own issue; until then the main job is the ME smoke check.
+        "pretrain": ["-m", "spark_me.cli", "smoke", *rest],
+        "smoke": ["-m", "spark_me.cli", "smoke", *rest],
+        "test": ["-m", "pytest", *rest],
+        "lint": ["-m", "ruff", "check", ".", *rest],
+        "format": ["-m", "ruff", "format", ".", *rest],
+        "setup": None,
+    }
+    if command not in jobs:
+        print(__doc__)
+        return 0 if command in ("help", "-h", "--help") else 2
+    try:
+        setup()
+    except minkowski.BuildError as err:
+        log.error("error: %s", err)
+        return 1
+    except subprocess.CalledProcessError as err:
+        log.error("error: set-up step failed (exit %d): %s", err.returncode, " ".join(map(str, err.cmd)))
+        return 1
+    if jobs[command] is None:
+        return 0
+    if command == "pretrain":
+        log.info("pretraining is not implemented yet (issue #4); running the ME smoke check instead")
+    return run_in_venv(jobs[command])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sparse building blocks on MinkowskiEngine: sparsify/densify, kernel layouts, layers."""
