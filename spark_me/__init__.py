@@ -13,6 +13,11 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _LAZY: dict[str, str] = {
+    "create_encoder": "spark_me.models.registry",
+    "list_encoders": "spark_me.models.registry",
+    "SparK": "spark_me.models.spark",
+    "random_mask": "spark_me.masking",
+    "create_reference": "spark_me.models.reference",
     "sparsify": "spark_me.sparse.tensor",
     "densify": "spark_me.sparse.tensor",
 }

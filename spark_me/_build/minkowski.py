@@ -204,9 +204,11 @@ def _heartbeat(logfile: Path, started: float, done: threading.Event) -> None:
     while not done.wait(30):
         current = ""
         try:
-            tail = logfile.read_text(errors="replace")[-4000:]
-            files = re.findall(r"(\w+\.(?:cpp|cu))\b", tail)
-            current = f", compiling {files[-1]}" if files else ""
+            tail = logfile.read_text(errors="replace")[-65536:]
+            steps = re.findall(r"\[(\d+)/(\d+)\] \S+ .*?(\w+\.(?:cpp|cu))\b", tail)
+            if steps:
+                done_n, total, name = steps[-1]
+                current = f", ninja step {done_n}/{total} ({name})"
         except OSError:
             pass
         log.info("  ... %d s elapsed%s", time.monotonic() - started, current)

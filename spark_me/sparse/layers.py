@@ -4,7 +4,9 @@
 `[k*k, in, out]` kernel on every call (a cheap permute). So an encoder built from these layers has
 the same `state_dict` as its timm twin, and export to timm is a key-for-key copy.
 
-Every layer maps `ME.SparseTensor -> ME.SparseTensor`. Stride-1 layers keep the input's sites;
+Every layer maps `ME.SparseTensor -> ME.SparseTensor`. ME's internals are reached through the
+package namespace only: importing `MinkowskiEngine.MinkowskiConvolution` as a submodule would
+replace the class `ME.MinkowskiConvolution` with that module for every other user. Stride-1 layers keep the input's sites;
 strided ones put an output site wherever a stride cell holds an active input (with patch-aligned
 masks: exactly the mask at the new stride).
 """
@@ -16,8 +18,6 @@ import math
 import MinkowskiEngine as ME
 import torch
 import torch.nn.functional as F
-from MinkowskiEngine.MinkowskiConvolution import MinkowskiConvolutionFunction
-from MinkowskiEngine.MinkowskiSparseTensor import _get_coordinate_map_key
 from MinkowskiEngineBackend._C import ConvolutionMode
 from torch import Tensor, nn
 
@@ -61,10 +61,11 @@ class SparseConv2d(nn.Module):
             feats = x.F @ self.weight.view(self.out_channels, self.in_channels).t()
             out_key = x.coordinate_map_key
         else:
-            out_key = _get_coordinate_map_key(x, None, self.kernel_generator.expand_coordinates)
-            feats = MinkowskiConvolutionFunction.apply(
+            # An empty key: ME fills it with the strided output sites (or reuses the input's at stride 1).
+            out_key = ME.CoordinateMapKey(x.coordinate_map_key.get_coordinate_size())
+            feats = ME.MinkowskiConvolutionFunction.apply(
                 x.F,
-                conv_weight_to_me_kernel(self.weight),
+                conv_weight_to_me_kernel(self.weight).contiguous(),
                 self.kernel_generator,
                 ConvolutionMode.DEFAULT,
                 x.coordinate_map_key,
@@ -127,7 +128,8 @@ class SparseBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:  # type: ignore[override]
         feats = x.F
         # [N, C] -> [1, C, N, 1] lets BatchNorm2d's own code (running stats, momentum) do the work.
-        out = super().forward(feats.t().unsqueeze(0).unsqueeze(-1))
+        # contiguous() is required: torch 2.14's CPU eval-mode BN backward is wrong for strided input.
+        out = super().forward(feats.t().contiguous()[None, :, :, None])
         return with_features(x, out[0, :, :, 0].t())
 
 

@@ -1,0 +1,173 @@
+"""Sparse ResNets whose `state_dict` is key-for-key that of timm's `resnetXX(num_classes=0)`.
+
+Same structure as timm's ResNet-B/v1.5 (stride on the 3x3 conv, 1x1 strided projection shortcut),
+same stochastic-depth schedule (linear in the block index), on MinkowskiEngine sparse tensors.
+"""
+
+from __future__ import annotations
+
+import MinkowskiEngine as ME
+from torch import nn
+
+from spark_me.models.encoder import SparseEncoder
+from spark_me.models.registry import register_encoder
+from spark_me.sparse.layers import (
+    SparseActivation,
+    SparseBatchNorm2d,
+    SparseConv2d,
+    SparseDropPath,
+    SparseMaxPool2d,
+    add,
+)
+
+
+class SparseBasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(
+        self, inplanes: int, planes: int, stride: int, downsample: nn.Module | None, drop_path: float
+    ):
+        super().__init__()
+        self.conv1 = SparseConv2d(inplanes, planes, 3, stride)
+        self.bn1 = SparseBatchNorm2d(planes)
+        self.act1 = SparseActivation(nn.ReLU())
+        self.conv2 = SparseConv2d(planes, planes, 3)
+        self.bn2 = SparseBatchNorm2d(planes)
+        self.act2 = SparseActivation(nn.ReLU())
+        self.downsample = downsample
+        self.drop_path = SparseDropPath(drop_path)
+
+    def zero_init_last(self) -> None:
+        nn.init.zeros_(self.bn2.weight)
+
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+        shortcut = x
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.drop_path(self.bn2(self.conv2(x)))
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        return self.act2(add(x, shortcut))
+
+
+class SparseBottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(
+        self, inplanes: int, planes: int, stride: int, downsample: nn.Module | None, drop_path: float
+    ):
+        super().__init__()
+        width = planes
+        self.conv1 = SparseConv2d(inplanes, width, 1)
+        self.bn1 = SparseBatchNorm2d(width)
+        self.act1 = SparseActivation(nn.ReLU())
+        self.conv2 = SparseConv2d(width, width, 3, stride)
+        self.bn2 = SparseBatchNorm2d(width)
+        self.act2 = SparseActivation(nn.ReLU())
+        self.conv3 = SparseConv2d(width, planes * self.expansion, 1)
+        self.bn3 = SparseBatchNorm2d(planes * self.expansion)
+        self.act3 = SparseActivation(nn.ReLU())
+        self.downsample = downsample
+        self.drop_path = SparseDropPath(drop_path)
+
+    def zero_init_last(self) -> None:
+        nn.init.zeros_(self.bn3.weight)
+
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+        shortcut = x
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.act2(self.bn2(self.conv2(x)))
+        x = self.drop_path(self.bn3(self.conv3(x)))
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        return self.act3(add(x, shortcut))
+
+
+class SparseResNet(SparseEncoder):
+    """Stem (7x7/2 conv, BN, ReLU, 3x3/2 max-pool) and four stages; returns layer1..layer4 (strides 4..32)."""
+
+    def __init__(
+        self,
+        block: type[SparseBasicBlock | SparseBottleneck],
+        layers: tuple[int, int, int, int],
+        in_chans: int = 3,
+        drop_path_rate: float = 0.0,
+        zero_init_last: bool = True,
+    ):
+        super().__init__()
+        self.conv1 = SparseConv2d(in_chans, 64, 7, stride=2)
+        self.bn1 = SparseBatchNorm2d(64)
+        self.act1 = SparseActivation(nn.ReLU())
+        self.maxpool = SparseMaxPool2d(3, 2)
+        total, index, inplanes = sum(layers), 0, 64
+        for stage, (planes, depth) in enumerate(zip((64, 128, 256, 512), layers, strict=True)):
+            stride = 1 if stage == 0 else 2
+            blocks = []
+            for i in range(depth):
+                downsample = None
+                if i == 0 and (stride != 1 or inplanes != planes * block.expansion):
+                    downsample = nn.Sequential(
+                        SparseConv2d(inplanes, planes * block.expansion, 1, stride),
+                        SparseBatchNorm2d(planes * block.expansion),
+                    )
+                rate = drop_path_rate * index / (total - 1) if total > 1 else 0.0
+                blocks.append(block(inplanes, planes, stride if i == 0 else 1, downsample, rate))
+                inplanes, index = planes * block.expansion, index + 1
+            self.add_module(f"layer{stage + 1}", nn.Sequential(*blocks))
+        self.channels = tuple(p * block.expansion for p in (64, 128, 256, 512))
+        self.init_weights(zero_init_last)
+
+    def init_weights(self, zero_init_last: bool) -> None:
+        """timm's init: kaiming-normal (fan_out) convs, BN weight 1 / bias 0, last BN of each block 0."""
+        for m in self.modules():
+            if isinstance(m, SparseConv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, SparseBatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_last:
+            for m in self.modules():
+                if isinstance(m, SparseBasicBlock | SparseBottleneck):
+                    m.zero_init_last()
+
+    def forward_sparse(self, x: ME.SparseTensor) -> list[ME.SparseTensor]:
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        outs = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            outs.append(x)
+        return outs
+
+
+def _resnet(block: type, default_layers: tuple[int, int, int, int], **kwargs) -> SparseResNet:
+    """kwargs may override `layers` (as with timm's model_args), e.g. for small test models."""
+    return SparseResNet(**({"block": block, "layers": default_layers} | kwargs))
+
+
+@register_encoder
+def resnet18(**kwargs) -> SparseResNet:
+    return _resnet(SparseBasicBlock, (2, 2, 2, 2), **kwargs)
+
+
+@register_encoder
+def resnet34(**kwargs) -> SparseResNet:
+    return _resnet(SparseBasicBlock, (3, 4, 6, 3), **kwargs)
+
+
+@register_encoder
+def resnet50(**kwargs) -> SparseResNet:
+    return _resnet(SparseBottleneck, (3, 4, 6, 3), **kwargs)
+
+
+@register_encoder
+def resnet101(**kwargs) -> SparseResNet:
+    return _resnet(SparseBottleneck, (3, 4, 23, 3), **kwargs)
+
+
+@register_encoder
+def resnet152(**kwargs) -> SparseResNet:
+    return _resnet(SparseBottleneck, (3, 8, 36, 3), **kwargs)
+
+
+@register_encoder
+def resnet200(**kwargs) -> SparseResNet:
+    return _resnet(SparseBottleneck, (3, 24, 36, 3), **kwargs)

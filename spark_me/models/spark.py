@@ -1,0 +1,145 @@
+"""SparK: mask -> sparsify -> encode -> densify -> decode -> loss, on genuine sparse tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import MinkowskiEngine as ME
+import torch
+from torch import Tensor, nn
+
+from spark_me.masking import PATCH, random_mask
+from spark_me.models.decoder import LightDecoder, init_weights
+from spark_me.models.encoder import SparseEncoder, check_mask
+from spark_me.models.resnet import SparseResNet
+from spark_me.sparse.layers import SparseBatchNorm2d, SparseLayerNorm
+from spark_me.sparse.tensor import densify, sparsify, upsample_mask
+
+
+def patchify(images: Tensor, patch: int = PATCH) -> Tensor:
+    """[B, C, H, W] -> [B, L, patch*patch*C], patches in row-major order (matches `active.flatten(1)`)."""
+    b, c, h, w = images.shape
+    x = images.reshape(b, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+def unpatchify(patches: Tensor, height: int, width: int, patch: int = PATCH) -> Tensor:
+    """Inverse of `patchify`."""
+    b, _, d = patches.shape
+    c = d // (patch * patch)
+    x = patches.reshape(b, height // patch, width // patch, patch, patch, c)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, height, width)
+
+
+def normalized_patches(images: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-patch normalised target [B, L, D] with the mean and std [B, L, 1] that undo it."""
+    target = patchify(images)
+    mean = target.mean(dim=-1, keepdim=True)
+    std = (target.var(dim=-1, keepdim=True, unbiased=True) + eps).sqrt()
+    return (target - mean) / std, mean, std
+
+
+@dataclass
+class SparKOutput:
+    loss: Tensor  # scalar
+    pred: Tensor  # [B, 3, H, W] decoder output (per-patch normalised pixel space)
+    active: Tensor  # [B, H/32, W/32] bool, visible cells
+
+
+class SparK(nn.Module):
+    """Sparse masked modelling around any `SparseEncoder` (see `spark_me.create_encoder`)."""
+
+    def __init__(self, encoder: SparseEncoder, decoder_width: int = 768, mask_ratio: float = 0.6):
+        super().__init__()
+        self.encoder = encoder
+        self.mask_ratio = mask_ratio
+        widths = [decoder_width // 2**i for i in range(4)]  # stride 32, 16, 8, 4
+        enc_channels = list(reversed(encoder.channels))  # stride 32 first
+        norm = SparseBatchNorm2d if isinstance(encoder, SparseResNet) else SparseLayerNorm
+        # Densify, per scale from stride 32 to 4: sparse norm -> mask token at holes -> projection.
+        self.densify_norms = nn.ModuleList(norm(c) for c in enc_channels)
+        self.mask_tokens = nn.ParameterList(nn.Parameter(torch.zeros(1, c, 1, 1)) for c in enc_channels)
+        self.densify_projs = nn.ModuleList(
+            (nn.Identity() if c == d else nn.Conv2d(c, d, 1, bias=True))
+            if i == 0
+            else nn.Conv2d(c, d, 3, padding=1, bias=True)
+            for i, (c, d) in enumerate(zip(enc_channels, widths, strict=True))
+        )
+        self.decoder = LightDecoder(decoder_width, up_ratio=PATCH)
+        for token in self.mask_tokens:
+            nn.init.trunc_normal_(token, std=0.02)
+        self.densify_projs.apply(init_weights)
+
+    # -- the stages -----------------------------------------------------------------------------
+    def mask(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Random visible cells [B, H/32, W/32]."""
+        b, _, h, w = images.shape
+        return random_mask(b, h, w, self.mask_ratio, generator=generator, device=images.device)
+
+    def encode(self, images: Tensor, active: Tensor) -> list[ME.SparseTensor]:
+        """Sparsify the visible pixels and run the sparse encoder: 4 sparse maps, strides 4..32 (fp32)."""
+        with torch.autocast(images.device.type, enabled=False):
+            return self.encoder.forward_sparse(sparsify(images.to(self.encoder.me_dtype), active))
+
+    def densify(
+        self, feats: list[ME.SparseTensor], active: Tensor, image_hw: tuple[int, int]
+    ) -> list[Tensor]:
+        """Sparse maps (strides 4..32) -> dense decoder inputs (strides 32..4), holes = mask token."""
+        height, width = image_hw
+        out = []
+        for i, x in enumerate(reversed(feats)):
+            stride = PATCH // 2**i
+            shape = (active.shape[0], x.F.shape[1], height // stride, width // stride)
+            with torch.autocast(active.device.type, enabled=False):
+                dense = densify(self.densify_norms[i](x), shape)
+            visible = upsample_mask(active, shape[2], shape[3])
+            dense = torch.where(visible, dense, self.mask_tokens[i].to(dense.dtype))
+            out.append(self.densify_projs[i](dense))
+        return out
+
+    def decode(self, to_dec: list[Tensor]) -> Tensor:
+        return self.decoder(to_dec)
+
+    def loss(self, images: Tensor, pred: Tensor, active: Tensor) -> Tensor:
+        """MSE against per-patch normalised pixels, averaged over masked patches only."""
+        target, _, _ = normalized_patches(images.float())
+        per_patch = (patchify(pred.float()) - target).pow(2).mean(dim=-1)  # [B, L]
+        masked = (~active).flatten(1).float()
+        return (per_patch * masked).sum() / (masked.sum() + 1e-8)
+
+    # -- entry points ---------------------------------------------------------------------------
+    def forward_all(self, images: Tensor, active: Tensor | None = None) -> SparKOutput:
+        """images [B, 3, H, W] (normalised); active [B, H/32, W/32] or None for a random mask."""
+        if active is None:
+            active = self.mask(images)
+        check_mask(images, active)
+        active = active.to(images.device, torch.bool)
+        feats = self.encode(images, active)
+        pred = self.decode(self.densify(feats, active, images.shape[-2:]))
+        return SparKOutput(self.loss(images, pred, active), pred, active)
+
+    def forward(self, images: Tensor, active: Tensor | None = None) -> Tensor:
+        """The scalar loss."""
+        return self.forward_all(images, active).loss
+
+    @torch.no_grad()
+    def reconstruct(self, images: Tensor, active: Tensor | None = None) -> dict[str, Tensor]:
+        """What a person wants to look at, all [B, 3, H, W] in the input's space.
+
+        input, masked (visible pixels only, 0 elsewhere), prediction (the decoder's patches mapped
+        back with each patch's true mean/std), merged (prediction at masked patches, input at
+        visible ones), and the pixel mask `visible` [B, 1, H, W].
+        """
+        out = self.forward_all(images, active)
+        height, width = images.shape[-2:]
+        _, mean, std = normalized_patches(images.float())
+        prediction = unpatchify(patchify(out.pred.float()) * std + mean, height, width)
+        visible = upsample_mask(out.active, height, width)
+        return {
+            "input": images,
+            "masked": images * visible,
+            "prediction": prediction,
+            "merged": torch.where(visible, images.float(), prediction),
+            "visible": visible,
+            "loss": out.loss,
+        }

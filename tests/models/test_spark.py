@@ -1,0 +1,129 @@
+"""The SparK model: densify, decoder, loss on masked patches only, learning, reconstructions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import spark_me
+from spark_me.models.spark import normalized_patches, patchify, unpatchify
+from spark_me.sparse.tensor import upsample_mask
+
+from .conftest import TINY
+
+
+def small_spark(arch: str = "convnextv2_atto", encoder_kw: dict | None = None, **kw) -> spark_me.SparK:
+    encoder = spark_me.create_encoder(arch, **(TINY[arch] | (encoder_kw or {})))
+    return spark_me.SparK(encoder, decoder_width=64, **kw)
+
+
+def test_patchify_round_trip_and_order(gen) -> None:
+    images = torch.randn(2, 3, 64, 96, generator=gen)
+    patches = patchify(images)
+    assert patches.shape == (2, 6, 32 * 32 * 3)
+    assert torch.equal(unpatchify(patches, 64, 96), images)
+    # patch l is the cell (l // 3, l % 3) of the grid, as in active.flatten(1)
+    assert torch.equal(patches[1, 4].reshape(32, 32, 3).permute(2, 0, 1), images[1, :, 32:64, 32:64])
+
+
+def test_normalised_target_undoes(gen) -> None:
+    images = torch.randn(2, 3, 64, 64, generator=gen) * 3 + 1
+    target, mean, std = normalized_patches(images)
+    assert torch.allclose(target.mean(-1), torch.zeros(2, 4), atol=1e-5)
+    assert torch.allclose(target.var(-1), torch.ones(2, 4), atol=1e-4)
+    assert torch.allclose(unpatchify(target * std + mean, 64, 64), images, atol=1e-5)
+
+
+def test_loss_counts_masked_patches_only(gen) -> None:
+    model = small_spark()
+    images = torch.randn(2, 3, 64, 96, generator=gen)
+    active = spark_me.random_mask(2, 64, 96, 0.5, generator=gen)
+    pred = torch.randn(images.shape, generator=gen)
+    base = model.loss(images, pred, active)
+    visible = upsample_mask(active, 64, 96)
+    assert torch.equal(model.loss(images, pred + 100 * visible, active), base)
+    assert not torch.equal(model.loss(images, pred + 100 * ~visible, active), base)
+    # a perfect prediction of the normalised target at masked patches gives zero loss
+    target, _, _ = normalized_patches(images)
+    assert model.loss(images, unpatchify(target, 64, 96), active) == pytest.approx(0.0, abs=1e-10)
+    # and it is the mean over masked patches of the per-patch MSE
+    per_patch = (patchify(pred) - target).pow(2).mean(-1)
+    masked = ~active.flatten(1)
+    assert base == pytest.approx(float(per_patch[masked].mean()), rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "convnextv2_atto", "convnext_tiny"])
+def test_gradients_reach_every_parameter(gen, arch: str) -> None:
+    # resnets zero-init each block's last BN, which blocks the branch's gradient at step 0: not here
+    model = small_spark(arch, encoder_kw={"zero_init_last": False} if arch.startswith("resnet") else None)
+    images = torch.randn(2, 3, 64, 64, generator=gen)
+    model(images).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+    dead = [n for n, p in model.named_parameters() if p.grad.abs().sum() == 0]
+    assert not dead
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "convnextv2_atto"])
+def test_a_few_steps_lower_the_loss(gen, arch: str) -> None:
+    torch.manual_seed(0)
+    model = small_spark(arch)
+    # smooth images: masked patches are predictable from their neighbours
+    coarse = torch.randn(4, 3, 4, 4, generator=gen)
+    images = torch.nn.functional.interpolate(coarse, size=(64, 64), mode="bilinear", align_corners=False)
+    active = spark_me.random_mask(4, 64, 64, 0.5, generator=gen)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(12):
+        loss = model(images, active)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.97 * losses[0], losses
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+
+
+def test_reconstruction_pictures(gen) -> None:
+    model = small_spark().eval()
+    images = torch.randn(2, 3, 64, 96, generator=gen)
+    active = spark_me.random_mask(2, 64, 96, 0.6, generator=gen)
+    out = model.reconstruct(images, active)
+    visible = upsample_mask(active, 64, 96)
+    assert torch.equal(out["visible"], visible)
+    assert torch.equal(out["masked"], images * visible)
+    assert torch.equal(out["merged"] * visible, images * visible)
+    assert torch.equal(out["merged"] * ~visible, out["prediction"] * ~visible)
+    # prediction carries each patch's true mean/std back: its per-patch mean equals the input's
+    assert torch.allclose(patchify(out["prediction"]).mean(-1), patchify(images).mean(-1), atol=1e-4)
+
+
+def test_random_mask_when_none_given(gen) -> None:
+    model = small_spark(mask_ratio=0.75)
+    images = torch.randn(3, 3, 64, 128, generator=gen)
+    out = model.forward_all(images)
+    assert out.active.shape == (3, 2, 4)
+    assert out.active.flatten(1).sum(1).tolist() == [2, 2, 2]
+    assert out.pred.shape == images.shape
+
+
+def test_autocast_keeps_the_sparse_encoder_in_float32(gen) -> None:
+    model = small_spark("resnet18")
+    images = torch.randn(2, 3, 64, 64, generator=gen)
+    active = spark_me.random_mask(2, 64, 64, 0.5, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        feats = model.encode(images, active)
+        loss = model(images, active)
+    assert all(f.F.dtype == torch.float32 for f in feats)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert model.encoder.conv1.weight.grad is not None
+
+
+def test_bad_input_is_refused(gen) -> None:
+    model = small_spark()
+    with pytest.raises(ValueError, match="multiple of 32"):
+        model(torch.randn(1, 3, 70, 64))
+    with pytest.raises(ValueError, match="mask shape"):
+        model(torch.randn(1, 3, 64, 64), torch.ones(1, 3, 3, dtype=torch.bool))
