@@ -4,11 +4,13 @@
 `[k*k, in, out]` kernel on every call (a cheap permute). So an encoder built from these layers has
 the same `state_dict` as its timm twin, and export to timm is a key-for-key copy.
 
-Every layer maps `ME.SparseTensor -> ME.SparseTensor`. ME's internals are reached through the
-package namespace only: importing `MinkowskiEngine.MinkowskiConvolution` as a submodule would
-replace the class `ME.MinkowskiConvolution` with that module for every other user. Stride-1 layers keep the input's sites;
+Every layer maps `ME.SparseTensor -> ME.SparseTensor`. Stride-1 layers keep the input's sites;
 strided ones put an output site wherever a stride cell holds an active input (with patch-aligned
 masks: exactly the mask at the new stride).
+
+ME's internals are reached through the package namespace only: importing the submodule
+`MinkowskiEngine.MinkowskiConvolution` would replace the class `ME.MinkowskiConvolution` with that
+module for every other user of ME in the process.
 """
 
 from __future__ import annotations
@@ -191,14 +193,31 @@ class SparseGRN(nn.Module):
 
 
 class SparseMaxPool2d(nn.Module):
-    """Max pooling over active sites only (ME), odd kernel centred like MaxPool2d(k, s, k//2)."""
+    """Max pooling over active sites only, odd kernel centred like MaxPool2d(k, s, k//2).
+
+    Calls ME's pooling function directly (ME's module cannot be deep-copied, which EMA copies and
+    checkpoint tools need).
+    """
 
     def __init__(self, kernel_size: int, stride: int):
         super().__init__()
-        self.pool = ME.MinkowskiMaxPooling(kernel_size=kernel_size, stride=stride, dimension=2)
+        self.kernel_size, self.stride = kernel_size, stride
+        self.kernel_generator = ME.KernelGenerator(kernel_size=kernel_size, stride=stride, dimension=2)
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
-        return self.pool(x)
+        out_key = ME.CoordinateMapKey(x.coordinate_map_key.get_coordinate_size())
+        feats = ME.MinkowskiLocalPoolingFunction.apply(
+            x.F,
+            ME.PoolingMode.LOCAL_MAX_POOLING,
+            self.kernel_generator,
+            x.coordinate_map_key,
+            out_key,
+            x._manager,
+        )
+        return ME.SparseTensor(feats, coordinate_map_key=out_key, coordinate_manager=x._manager)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}"
 
 
 class SparseDropPath(nn.Module):

@@ -148,3 +148,21 @@ def test_bad_inputs_are_refused(pair_factory) -> None:
     with pytest.raises(ValueError, match="at least one visible"):
         one_empty = torch.tensor([[[1, 0], [0, 0]], [[0, 0], [0, 0]]], dtype=torch.bool)
         sparse(torch.randn(2, 3, 64, 64), one_empty)
+
+
+def test_deepcopy_and_state_dict_round_trip(pair_factory, gen, tmp_path) -> None:
+    """EMA copies and checkpoints need both; ME's own pooling module cannot be deep-copied."""
+    import copy
+
+    sparse, _ = pair_factory("resnet18")
+    sparse.eval()
+    images = torch.randn(1, 3, 64, 64, generator=gen)
+    active = mask_for(images, 0.5, gen)
+    clone = copy.deepcopy(sparse)
+    torch.save(sparse.state_dict(), tmp_path / "enc.pth")
+    fresh = spark_me.create_encoder("resnet18").eval()
+    fresh.load_state_dict(torch.load(tmp_path / "enc.pth", weights_only=True))
+    expected = sparse(images, active)
+    for other in (clone, fresh):
+        for a, b in zip(other(images, active), expected, strict=True):
+            assert max_rel_err(a, b) <= 1e-5
