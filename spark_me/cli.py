@@ -16,7 +16,6 @@ log = logging.getLogger("spark_me")
 # Subcommands whose issues have not landed yet: they say so and exit non-zero.
 NOT_YET = {
     "pretrain": "SparK pretraining (issue #4)",
-    "export": "checkpoint export to timm / Detectron2 (issue #5)",
     "bench": "sparse vs masked-dense vs dense benchmarks (issue #6)",
 }
 
@@ -57,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     smoke = sub.add_parser("smoke", help=cmd_smoke.__doc__)
     smoke.set_defaults(func=cmd_smoke)
+    from converters.cli import add_parsers as add_converter_parsers
+
+    add_converter_parsers(sub)
     for name, what in NOT_YET.items():
         stub = sub.add_parser(name, help=f"{what}: not implemented yet", add_help=False)
         stub.set_defaults(func=None, what=what)
@@ -76,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as err:  # bad input: a clear message, not a traceback
+        log.error("spark-me %s: %s", args.command, err)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,155 @@
+"""Sparse encoder state_dict <-> dense timm state_dict.
+
+spark-me's sparse layers keep torch's parameter layout (conv weights [out, in, k, k], biases [C],
+GRN [C]), so for its own checkpoints the conversion is a checked, key-for-key copy. State dicts in
+MinkowskiEngine's layout (kernels [k*k, in, out], depthwise [k*k, C], biases [1, C], GRN [1,1,1,C]),
+e.g. from other ME-based code after renaming, are re-laid out on the way in.
+
+Checks are loud: every missing or unexpected key is named; timm's classifier (`fc.*`, `head.*`)
+is reported as dropped on import and left to timm's initialisation on export.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+from spark_me.sparse.layout import me_depthwise_to_conv_weight, me_kernel_to_conv_weight
+
+log = logging.getLogger(__name__)
+
+# timm classifier parameters: not part of a SparK encoder
+HEAD = re.compile(r"^(fc|head|classifier)\.")
+# wrappers around a model's keys in checkpoints: DDP, torch.compile
+WRAPPERS = ("module.", "_orig_mod.")
+
+
+class KeyMismatchError(ValueError):
+    """The state_dict does not fit the architecture; the message names every offending key."""
+
+
+def expected_shapes(arch: str, **model_kwargs) -> dict[str, torch.Size]:
+    """Keys and shapes of `create_encoder(arch)` (built on the meta device: no memory, no time)."""
+    return dict(_shapes(arch, tuple(sorted(model_kwargs.items()))))
+
+
+@functools.lru_cache(maxsize=64)
+def _shapes(arch: str, model_kwargs: tuple) -> tuple[tuple[str, torch.Size], ...]:
+    from spark_me.models.registry import create_encoder
+
+    with torch.device("meta"):
+        encoder = create_encoder(arch, **dict(model_kwargs))
+    return tuple((k, v.shape) for k, v in encoder.state_dict().items())
+
+
+def encoder_state(checkpoint: Mapping[str, object]) -> dict[str, Tensor]:
+    """The encoder's tensors from a full pretraining checkpoint, a SparK model or an encoder state_dict."""
+    state = checkpoint
+    for key in ("model", "state_dict", "module"):
+        if key in state and isinstance(state[key], Mapping):
+            state = state[key]
+            break
+    if not all(isinstance(v, Tensor) for v in state.values()):
+        raise KeyMismatchError(
+            "no state_dict of tensors found (looked at the top level, 'model', 'state_dict')"
+        )
+    stripped = {}
+    for key, value in state.items():
+        for prefix in WRAPPERS:
+            key = key.removeprefix(prefix)
+        stripped[key] = value
+    if any(k.startswith("encoder.") for k in stripped):  # a SparK model: keep the encoder only
+        return {k.removeprefix("encoder."): v for k, v in stripped.items() if k.startswith("encoder.")}
+    return stripped
+
+
+def _relayout(key: str, value: Tensor, shape: torch.Size) -> Tensor:
+    """Bring a tensor in ME layout to torch layout when the shapes say it is one."""
+    if value.shape == shape:
+        return value
+    if (
+        len(shape) == 4
+        and shape[1] == 1
+        and value.dim() == 2
+        and value.shape == (shape[2] * shape[3], shape[0])
+    ):
+        return me_depthwise_to_conv_weight(value, shape[-1])
+    if len(shape) == 4 and value.dim() in (2, 3):
+        converted = me_kernel_to_conv_weight(value, shape[-1])
+        if converted.shape == shape:
+            return converted
+    if value.numel() == shape.numel() and value.dim() > len(shape) and all(s == 1 for s in value.shape[:-1]):
+        return value.reshape(shape)  # [1, C] biases, [1, 1, 1, C] GRN
+    raise KeyMismatchError(f"{key}: shape {tuple(value.shape)} does not fit {tuple(shape)}")
+
+
+def closest_arch(keys: Iterable[str]) -> str | None:
+    """The registered architecture whose key set overlaps `keys` most (for error messages)."""
+    from spark_me.models.registry import list_encoders
+
+    keys = set(keys)
+    scores = {
+        a: len(keys & set(expected_shapes(a))) / len(keys | set(expected_shapes(a))) for a in list_encoders()
+    }
+    best = max(scores, key=scores.get, default=None)
+    return best if best and scores[best] > 0.5 else None
+
+
+def _check(
+    state: Mapping[str, Tensor], expected: Mapping[str, torch.Size], arch: str, allow_missing: Iterable[str]
+) -> None:
+    allowed = set(allow_missing)
+    missing = sorted(k for k in expected if k not in state and k not in allowed)
+    unexpected = sorted(k for k in state if k not in expected)
+    if missing or unexpected:
+        lines = [f"state_dict does not match {arch!r}:"]
+        if missing:
+            lines.append(
+                f"  missing ({len(missing)}): {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}"
+            )
+        if unexpected:
+            lines.append(
+                f"  unexpected ({len(unexpected)}): {', '.join(unexpected[:20])}"
+                f"{' ...' if len(unexpected) > 20 else ''}"
+            )
+        guess = closest_arch(state.keys())
+        if guess and guess != arch:
+            lines.append(f"  the keys look like {guess} (pass --arch {guess})")
+        lines.append(
+            "  (wrong --arch? a different depth/width? pass allow_missing for keys you mean to drop)"
+        )
+        raise KeyMismatchError("\n".join(lines))
+
+
+def to_timm(
+    state_dict: Mapping[str, object], arch: str, allow_missing: Iterable[str] = (), **model_kwargs
+) -> dict[str, Tensor]:
+    """Sparse encoder (or full SparK checkpoint) -> timm `arch` state_dict without the classifier.
+
+    `timm.create_model(arch).load_state_dict(result, strict=False)` then misses exactly the
+    classifier keys (`fc.*` / `head.*`), which stay at timm's initialisation.
+    """
+    state = encoder_state(state_dict)
+    expected = expected_shapes(arch, **model_kwargs)
+    _check(state, expected, arch, allow_missing)
+    return {k: _relayout(k, state[k], expected[k]).detach().clone() for k in expected if k in state}
+
+
+def from_timm(
+    state_dict: Mapping[str, object], arch: str, allow_missing: Iterable[str] = (), **model_kwargs
+) -> dict[str, Tensor]:
+    """timm state_dict (supervised weights, SparK "timm style" or FCMAE checkpoints as timm loads
+    them) -> sparse encoder state_dict, loadable with `strict=True`. The classifier is dropped (logged)."""
+    state = encoder_state(state_dict)
+    dropped = sorted(k for k in state if HEAD.match(k))
+    if dropped:
+        log.info("dropping the classifier: %s", ", ".join(dropped))
+    state = {k: v for k, v in state.items() if not HEAD.match(k)}
+    expected = expected_shapes(arch, **model_kwargs)
+    _check(state, expected, arch, allow_missing)
+    return {k: _relayout(k, state[k], expected[k]).detach().clone() for k in expected if k in state}
