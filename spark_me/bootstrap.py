@@ -84,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[spark-me] %(message)s")
     command, rest = (argv[0], argv[1:]) if argv else ("help", [])
     jobs = {
-        # Pretraining lands with its own issue; until then the main job is the ME smoke check.
-        "pretrain": ["-m", "spark_me.cli", "smoke", *rest],
+        "pretrain": ["-m", "spark_me.cli", "pretrain", *rest],
         "smoke": ["-m", "spark_me.cli", "smoke", *rest],
         "test": ["-m", "pytest", *rest],
         "lint": ["-m", "ruff", "check", ".", *rest],
@@ -105,8 +104,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if jobs[command] is None:
         return 0
-    if command == "pretrain":
-        log.info("pretraining is not implemented yet (issue #4); running the ME smoke check instead")
     return run_in_venv(jobs[command])
 
 

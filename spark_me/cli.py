@@ -10,12 +10,12 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 
 log = logging.getLogger("spark_me")
 
 # Subcommands whose issues have not landed yet: they say so and exit non-zero.
 NOT_YET = {
-    "pretrain": "SparK pretraining (issue #4)",
     "bench": "sparse vs masked-dense vs dense benchmarks (issue #6)",
 }
 
@@ -50,12 +50,67 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_pretrain(args: argparse.Namespace, extra: list[str]) -> int:
+    """SparK pretraining (flags: `spark-me pretrain --help`)."""
+    from spark_me.engine.config import resolve
+    from spark_me.engine.pretrain import run
+
+    return run(resolve(extra))
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    """Picture of input / masked / reconstruction / merged from a pretraining checkpoint."""
+    import torch
+
+    from spark_me.data.images import ImageFiles, load_rgb
+    from spark_me.data.transforms import eval_transform
+    from spark_me.engine import checkpoint
+    from spark_me.engine.config import PretrainConfig
+    from spark_me.engine.pretrain import build_model
+    from spark_me.viz import save_reconstructions
+
+    state = checkpoint.load(args.checkpoint)
+    config = state["config"]
+    cfg = PretrainConfig(
+        arch=config["arch"],
+        model_kwargs=config.get("model_kwargs") or {},
+        decoder_width=config["decoder_width"],
+        mask_ratio=args.mask_ratio or config["mask_ratio"],
+    )
+    model = build_model(cfg)
+    model.load_state_dict(state["model"])
+    model.eval()
+    size = args.input_size or config["input_size"]
+    transform = eval_transform(size)
+    if args.images:
+        images = torch.stack([transform(load_rgb(p)) for p in args.images])
+    else:
+        dataset = ImageFiles(None, transform)
+        images = torch.stack([dataset[i] for i in range(min(8, len(dataset)))])
+    gen = torch.Generator().manual_seed(args.seed)
+    out = save_reconstructions(model, images, args.output, model.mask(images, generator=gen))
+    log.info("wrote %s (%d images: input | masked | reconstruction | merged)", out, len(images))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spark-me", description="SparK pretraining on sparse tensors.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     smoke = sub.add_parser("smoke", help=cmd_smoke.__doc__)
     smoke.set_defaults(func=cmd_smoke)
+    pretrain = sub.add_parser(
+        "pretrain", help="SparK pretraining (see spark-me pretrain --help)", add_help=False
+    )
+    pretrain.set_defaults(func=cmd_pretrain, takes_extra=True)
+    recon = sub.add_parser("reconstruct", help=cmd_reconstruct.__doc__)
+    recon.add_argument("checkpoint", type=Path)
+    recon.add_argument("images", nargs="*", type=Path, help="image files (default: the embedded photographs)")
+    recon.add_argument("-o", "--output", type=Path, default=Path("reconstruction.png"))
+    recon.add_argument("--mask_ratio", type=float)
+    recon.add_argument("--input_size", type=int)
+    recon.add_argument("--seed", type=int, default=0)
+    recon.set_defaults(func=cmd_reconstruct)
     from converters.cli import add_parsers as add_converter_parsers
 
     add_converter_parsers(sub)
@@ -76,9 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.func is None:
         log.error("spark-me %s: not implemented yet: %s", args.command, args.what)
         return 2
-    if extra:
+    if extra and not getattr(args, "takes_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if getattr(args, "takes_extra", False):
+            return args.func(args, extra)
         return args.func(args)
     except (FileNotFoundError, ValueError) as err:  # bad input: a clear message, not a traceback
         log.error("spark-me %s: %s", args.command, err)

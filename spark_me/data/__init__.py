@@ -1,0 +1,1 @@
+"""Images for pretraining: datasets and SparK's augmentation."""

@@ -1,0 +1,1 @@
+"""Pretraining engine: configuration, optimisation, checkpoints, distribution, the training loop."""

@@ -1,0 +1,254 @@
+"""The pretraining loop: a reader can follow it top to bottom in `run`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+import converters
+from spark_me.data.images import ImageFiles
+from spark_me.data.transforms import eval_transform, pretrain_transform
+from spark_me.engine import checkpoint, distributed
+from spark_me.engine.config import DROP_PATH, PretrainConfig
+from spark_me.engine.distributed import DistEnv
+from spark_me.engine.optim import build_lr_scheduler, build_optimizer, set_weight_decay, weight_decay_at
+from spark_me.models.registry import create_encoder
+from spark_me.models.spark import SparK
+from spark_me.viz import save_reconstructions
+
+log = logging.getLogger("spark_me.pretrain")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def build_model(cfg: PretrainConfig) -> SparK:
+    drop_path = cfg.drop_path if cfg.drop_path is not None else DROP_PATH.get(cfg.arch, 0.0)
+    encoder = create_encoder(cfg.arch, drop_path_rate=drop_path, **cfg.model_kwargs)
+    return SparK(encoder, decoder_width=cfg.decoder_width, mask_ratio=cfg.mask_ratio)
+
+
+def build_loader(cfg: PretrainConfig, env: DistEnv) -> tuple[DataLoader, DistributedSampler]:
+    dataset = ImageFiles(cfg.data_path, pretrain_transform(cfg.input_size))
+    global_batch = cfg.batch_size * env.world_size
+    if len(dataset) < global_batch:
+        raise ValueError(
+            f"{len(dataset)} images is fewer than one batch ({cfg.batch_size} x {env.world_size} processes); "
+            "lower --batch_size"
+        )
+    sampler = DistributedSampler(
+        dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=cfg.seed, drop_last=True
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        pin_memory=env.device.type == "cuda",
+        drop_last=True,
+        persistent_workers=False,
+    )
+    return loader, sampler
+
+
+def picture_batch(cfg: PretrainConfig, count: int = 4) -> torch.Tensor:
+    """Fixed images for the reconstruction pictures (the same every epoch)."""
+    dataset = ImageFiles(cfg.data_path, eval_transform(cfg.input_size))
+    return torch.stack([dataset[i] for i in range(min(count, len(dataset)))])
+
+
+def autocast(cfg: PretrainConfig, env: DistEnv):
+    """Mixed precision for the dense decoder and projections; the ME encoder stays fp32 (see SparK)."""
+    if not cfg.amp:
+        return nullcontext()
+    dtype = torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16
+    return torch.autocast(env.device.type, dtype=dtype)
+
+
+def train_one_epoch(model, loader, optimizer, lr_sched, scaler, cfg, env, epoch, step, total_steps, writer):
+    """One pass over the data; returns (mean loss, optimiser steps done so far)."""
+    model.train()
+    losses = []
+    bar = tqdm(
+        loader,
+        desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        disable=not env.is_main,
+        leave=False,
+        dynamic_ncols=True,
+    )
+    for i, images in enumerate(bar):
+        images = images.to(env.device, non_blocking=True)
+        last_micro = (i + 1) % cfg.accum_iter == 0
+        sync = model.no_sync() if env.distributed and not last_micro else nullcontext()
+        with sync:
+            with autocast(cfg, env):
+                loss = model(images)
+            if not math.isfinite(float(loss)):
+                raise NonFiniteLoss(f"loss is {float(loss)} at epoch {epoch + 1}, step {step}")
+            (scaler.scale(loss / cfg.accum_iter) if scaler else loss / cfg.accum_iter).backward()
+        losses.append(float(loss))
+        if not last_micro:
+            continue
+        lr_sched.step_update(num_updates=step)  # lr and wd for update number `step`
+        wd = weight_decay_at(step, total_steps, cfg.weight_decay, cfg.weight_decay_end)
+        set_weight_decay(optimizer, wd)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        lr = optimizer.param_groups[0]["lr"]
+        bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}")
+        if writer:
+            writer.add_scalar("train/loss", float(loss), step)
+            writer.add_scalar("train/lr", lr, step)
+            writer.add_scalar("train/weight_decay", wd, step)
+    return distributed.all_mean(sum(losses) / max(len(losses), 1), env), step
+
+
+def run(cfg: PretrainConfig) -> int:
+    env = distributed.init(cfg.device)
+    output = Path(cfg.output_dir)
+    try:
+        return _run(cfg, env, output)
+    except NonFiniteLoss as err:
+        log.error("%s: stopping. The last good checkpoint is kept: %s", err, output / "checkpoint-last.pth")
+        return 1
+    finally:
+        distributed.cleanup(env)
+
+
+def _run(cfg: PretrainConfig, env: DistEnv, output: Path) -> int:
+    # -- set-up ---------------------------------------------------------------------------------
+    torch.manual_seed(cfg.seed + env.rank)
+    if env.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if cfg.data_path is None:
+        log.info("no --data_path: pretraining on the embedded photographs (preset %r)", cfg.preset)
+    loader, sampler = build_loader(cfg, env)
+    model = build_model(cfg).to(env.device)
+    if cfg.init_weight:
+        weights = converters.from_timm(converters.load_state(cfg.init_weight), cfg.arch, **cfg.model_kwargs)
+        model.encoder.load_state_dict(weights, strict=True)
+        log.info("encoder initialised from %s", cfg.init_weight)
+
+    eff_batch = cfg.batch_size * cfg.accum_iter * env.world_size
+    lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
+    steps_per_epoch = len(loader) // cfg.accum_iter
+    if steps_per_epoch == 0:
+        raise ValueError(f"--accum_iter {cfg.accum_iter} exceeds the {len(loader)} batches of an epoch")
+    total_steps = cfg.epochs * steps_per_epoch
+    optimizer = build_optimizer(model, cfg, lr)
+    lr_sched = build_lr_scheduler(optimizer, cfg, lr, steps_per_epoch)
+    scaler = torch.amp.GradScaler(env.device.type) if cfg.amp and cfg.amp_dtype == "fp16" else None
+    log.info(
+        "base lr: %.3e | actual lr: %.3e | effective batch: %d (%d per process x %d accum x %d processes)",
+        cfg.blr,
+        lr,
+        eff_batch,
+        cfg.batch_size,
+        cfg.accum_iter,
+        env.world_size,
+    )
+    log.info(
+        "%s, %d images, %d steps/epoch, %d epochs", cfg.arch, len(loader.dataset), steps_per_epoch, cfg.epochs
+    )
+
+    # -- resume ---------------------------------------------------------------------------------
+    start_epoch, step = 0, 0
+    resume = cfg.resume or (checkpoint.latest(output) if cfg.auto_resume else None)
+    if resume:
+        state = checkpoint.load(resume)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
+        log.info("resumed from %s: epoch %d, step %d", resume, start_epoch, step)
+
+    if env.distributed:
+        if env.device.type == "cuda":  # SyncBN for the dense decoder only: the encoder's BN is sparse
+            model.decoder = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.decoder)
+        ddp = DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
+    else:
+        ddp = model
+    writer = None
+    if env.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(cfg.log_dir or str(output / "tb"))
+    pictures = picture_batch(cfg).to(env.device) if env.is_main else None
+
+    # -- epochs ---------------------------------------------------------------------------------
+    started = time.monotonic()
+    for epoch in range(start_epoch, cfg.epochs):
+        sampler.set_epoch(epoch)
+        torch.manual_seed(
+            cfg.seed + 1000 * epoch + env.rank
+        )  # augmentation and masks: a pure function of epoch
+        epoch_start = time.monotonic()
+        loss, step = train_one_epoch(
+            ddp, loader, optimizer, lr_sched, scaler, cfg, env, epoch, step, total_steps, writer
+        )
+        if not env.is_main:
+            continue
+        elapsed = time.monotonic() - started
+        done = epoch + 1 - start_epoch
+        stats = {
+            "epoch": epoch + 1,
+            "step": step,
+            "train_loss": loss,
+            "lr": optimizer.param_groups[0]["lr"],
+            "weight_decay": optimizer.param_groups[0]["weight_decay"],
+            "epoch_time": time.monotonic() - epoch_start,
+        }
+        with open(output / "log.txt", "a") as fh:
+            fh.write(json.dumps(stats) + "\n")
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler else None,
+            "epoch": epoch,
+            "step": step,
+            "config": cfg.to_dict(),
+        }
+        numbered = (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs
+        checkpoint.save(output, state, epoch + 1, numbered, cfg.keep_last)
+        if (epoch + 1) % cfg.recon_every == 0 or epoch + 1 == cfg.epochs:
+            model.eval()
+            gen = torch.Generator(device=env.device).manual_seed(cfg.seed)
+            active = model.mask(pictures, generator=gen)
+            save_reconstructions(
+                model, pictures, output / "reconstructions" / f"epoch-{epoch + 1:04d}.png", active
+            )
+            save_reconstructions(model, pictures, output / "reconstruction-last.png", active)
+        eta = elapsed / done * (cfg.epochs - epoch - 1)
+        log.info(
+            "epoch %d/%d  loss %.4f  lr %.2e  (%.1f s, ETA %.0f s)",
+            epoch + 1,
+            cfg.epochs,
+            loss,
+            stats["lr"],
+            stats["epoch_time"],
+            eta,
+        )
+    distributed.barrier(env)
+    if writer:
+        writer.close()
+    if env.is_main:
+        log.info("done: %s, timm weights %s", output / "checkpoint-last.pth", output / "timm-last.pth")
+    return 0
