@@ -15,6 +15,8 @@ import torch.multiprocessing as mp
 
 import spark_me
 
+from .conftest import TINY_RUN
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -77,19 +79,8 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
         "pretrain",
         "--output_dir",
         str(tmp_path),
-        "--arch",
-        "resnet18",
-        "--input_size",
-        "64",
-        "--batch_size",
-        "4",
-        "--decoder_width",
-        "64",
-        "--num_workers",
-        "0",
+        *TINY_RUN,
         "--epochs",
-        "1",
-        "--warmup_epochs",
         "1",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -16,20 +16,9 @@ import converters
 from spark_me import cli
 from spark_me.engine.config import resolve
 
-TINY = [
-    "--arch",
-    "resnet18",
-    "--input_size",
-    "64",
-    "--batch_size",
-    "4",
-    "--decoder_width",
-    "64",
-    "--num_workers",
-    "0",
-    "--warmup_epochs",
-    "1",
-]
+from .conftest import TINY_RUN
+
+TINY = TINY_RUN
 
 
 def run(tmp: Path, *extra: str) -> int:
