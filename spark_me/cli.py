@@ -14,11 +14,6 @@ from pathlib import Path
 
 log = logging.getLogger("spark_me")
 
-# Subcommands whose issues have not landed yet: they say so and exit non-zero.
-NOT_YET = {
-    "bench": "sparse vs masked-dense vs dense benchmarks (issue #6)",
-}
-
 
 def cmd_smoke(args: argparse.Namespace) -> int:
     """Check that MinkowskiEngine imports and its convolutions equal torch's."""
@@ -56,6 +51,13 @@ def cmd_pretrain(args: argparse.Namespace, extra: list[str]) -> int:
     from spark_me.engine.pretrain import run
 
     return run(resolve(extra))
+
+
+def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
+    """Benchmarks (flags: `spark-me bench --help`)."""
+    from benchmarks.harness import main as bench_main
+
+    return bench_main(extra)
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
@@ -99,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     smoke = sub.add_parser("smoke", help=cmd_smoke.__doc__)
     smoke.set_defaults(func=cmd_smoke)
+    bench = sub.add_parser("bench", help="speed/memory: sparse vs masked-dense vs dense", add_help=False)
+    bench.set_defaults(func=cmd_bench, takes_extra=True)
     pretrain = sub.add_parser(
         "pretrain", help="SparK pretraining (see spark-me pretrain --help)", add_help=False
     )
@@ -114,9 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
     from converters.cli import add_parsers as add_converter_parsers
 
     add_converter_parsers(sub)
-    for name, what in NOT_YET.items():
-        stub = sub.add_parser(name, help=f"{what}: not implemented yet", add_help=False)
-        stub.set_defaults(func=None, what=what)
     return parser
 
 
@@ -128,9 +129,6 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
-    if args.func is None:
-        log.error("spark-me %s: not implemented yet: %s", args.command, args.what)
-        return 2
     if extra and not getattr(args, "takes_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

@@ -94,10 +94,11 @@ def train_one_epoch(model, loader, optimizer, lr_sched, scaler, cfg, env, epoch,
         with sync:
             with autocast(cfg, env):
                 loss = model(images)
-            if not math.isfinite(float(loss)):
-                raise NonFiniteLoss(f"loss is {float(loss)} at epoch {epoch + 1}, step {step}")
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f"loss is {value} at epoch {epoch + 1}, step {step}")
             (scaler.scale(loss / cfg.accum_iter) if scaler else loss / cfg.accum_iter).backward()
-        losses.append(float(loss))
+        losses.append(value)
         if not last_micro:
             continue
         lr_sched.step_update(num_updates=step)  # lr and wd for update number `step`
@@ -111,9 +112,9 @@ def train_one_epoch(model, loader, optimizer, lr_sched, scaler, cfg, env, epoch,
         optimizer.zero_grad(set_to_none=True)
         step += 1
         lr = optimizer.param_groups[0]["lr"]
-        bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}")
+        bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
         if writer:
-            writer.add_scalar("train/loss", float(loss), step)
+            writer.add_scalar("train/loss", value, step)
             writer.add_scalar("train/lr", lr, step)
             writer.add_scalar("train/weight_decay", wd, step)
     return distributed.all_mean(sum(losses) / max(len(losses), 1), env), step

@@ -1,0 +1,315 @@
+"""Speed and memory of a full SparK pretraining step: sparse (ME) vs masked-dense vs dense.
+
+    spark-me bench --archs resnet50 convnext_tiny --sizes 224 --ratios 0 0.6 0.9 --out benchmarks/results/cpu
+
+Each configuration runs in its own process (so peak memory is its own): warm-up steps, then the
+median of timed steps of zero_grad + forward + backward + LAMB step, and of the encoder alone
+(forward + backward). Peak memory: CUDA max allocated on a GPU; on the CPU the peak resident set
+(VmHWM) minus the resident set before the first step. Results: JSON + CSV + PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("spark_me.bench")
+
+DEFAULT_ARCHS = ("resnet18", "resnet50", "convnext_tiny", "convnextv2_tiny")
+DEFAULT_RATIOS = (0.0, 0.25, 0.5, 0.6, 0.75, 0.9)
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def measure(
+    arch: str,
+    variant: str,
+    batch: int,
+    size: int,
+    ratio: float,
+    steps: int,
+    warmup: int,
+    device: str,
+    decoder_width: int = 768,
+) -> dict:
+    """One configuration, in this process."""
+    import torch
+    from timm.optim import Lamb
+
+    import spark_me
+    from benchmarks.variants import build
+
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    model = build(variant, arch, decoder_width=decoder_width, mask_ratio=ratio if ratio > 0 else 0.0).to(dev)
+    optimizer = Lamb(model.parameters(), lr=1e-4)
+    images = torch.randn(batch, 3, size, size, device=dev)
+    if ratio > 0:
+        active = spark_me.random_mask(batch, size, size, ratio, device=dev)
+    else:
+        active = torch.ones(batch, size // 32, size // 32, dtype=torch.bool, device=dev)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def full_step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        model(images, active).backward()
+        optimizer.step()
+
+    def encoder_step() -> None:
+        feats = model.encode(images, active)
+        sum((f.F if hasattr(f, "F") else f).float().sum() for f in feats).backward()
+
+    rss_before = _rss_kib("VmRSS")
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    for _ in range(warmup):
+        full_step()
+    times = []
+    for _ in range(steps):
+        sync()
+        t0 = time.perf_counter()
+        full_step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    peak = (
+        torch.cuda.max_memory_allocated(dev)
+        if dev.type == "cuda"
+        else (_rss_kib("VmHWM") - rss_before) * 1024
+    )
+    enc_times = []
+    for _ in range(max(1, steps)):
+        sync()
+        t0 = time.perf_counter()
+        encoder_step()
+        sync()
+        enc_times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    return {
+        "arch": arch,
+        "variant": variant,
+        "batch": batch,
+        "size": size,
+        "mask_ratio": ratio,
+        "step_s": step_s,
+        "images_per_s": batch / step_s,
+        "encoder_step_s": statistics.median(enc_times),
+        "peak_mem_mib": peak / 2**20,
+        "step_times": times,
+        "loss": None,
+    }
+
+
+def environment(device: str) -> dict:
+    import MinkowskiEngine as ME
+    import torch
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "minkowskiengine": ME.__version__,
+        "cuda": torch.version.cuda,
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "cpu": _cpu_model(),
+        "machine": platform.machine(),
+        "cores": os.cpu_count(),
+    }
+    if device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def configs(args) -> list[dict]:
+    out = []
+    for arch in args.archs:
+        for size in args.sizes:
+            out.append(dict(arch=arch, variant="dense", size=size, ratio=0.0))  # no mask: ratio-independent
+            for ratio in args.ratios:
+                for variant in ("sparse", "masked_dense"):
+                    out.append(dict(arch=arch, variant=variant, size=size, ratio=ratio))
+    return out
+
+
+def run_isolated(cfg: dict, args) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.harness",
+        "--one",
+        json.dumps(cfg),
+        "--batch_size",
+        str(args.batch_size),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--device",
+        args.device,
+        "--decoder_width",
+        str(args.decoder_width),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        return {**cfg, "mask_ratio": cfg["ratio"], "error": result.stderr.strip().splitlines()[-1:]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def ratios_table(rows: list[dict]) -> list[dict]:
+    """Per (arch, size, ratio): sparse vs masked-dense and vs dense, from the same run."""
+    by = {(r["arch"], r["size"], r["variant"], r["mask_ratio"]): r for r in rows if "error" not in r}
+    table = []
+    for (arch, size, variant, ratio), r in sorted(by.items()):
+        if variant != "sparse":
+            continue
+        md, dn = by.get((arch, size, "masked_dense", ratio)), by.get((arch, size, "dense", 0.0))
+        table.append(
+            {
+                "arch": arch,
+                "size": size,
+                "mask_ratio": ratio,
+                "speedup_vs_masked_dense": md["step_s"] / r["step_s"] if md else None,
+                "memory_vs_masked_dense": r["peak_mem_mib"] / md["peak_mem_mib"]
+                if md and md["peak_mem_mib"]
+                else None,
+                "speedup_vs_dense": dn["step_s"] / r["step_s"] if dn else None,
+                "memory_vs_dense": r["peak_mem_mib"] / dn["peak_mem_mib"]
+                if dn and dn["peak_mem_mib"]
+                else None,
+            }
+        )
+    return table
+
+
+def write(out: Path, env: dict, rows: list[dict], args) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    summary = ratios_table(rows)
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "one"}
+    payload = {"environment": env, "settings": settings, "results": rows, "ratios": summary}
+    (out / "results.json").write_text(json.dumps(payload, indent=1))
+    fields = [
+        "arch",
+        "variant",
+        "size",
+        "batch",
+        "mask_ratio",
+        "step_s",
+        "images_per_s",
+        "encoder_step_s",
+        "peak_mem_mib",
+        "error",
+    ]
+    with open(out / "results.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    try:
+        from benchmarks.plots import plot
+
+        plot(rows, out)
+    except ImportError as err:
+        log.warning("no plots (%s): pip install matplotlib", err)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="spark-me bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--archs", nargs="+", default=list(DEFAULT_ARCHS))
+    p.add_argument("--sizes", nargs="+", type=int, default=[224])
+    p.add_argument("--ratios", nargs="+", type=float, default=list(DEFAULT_RATIOS))
+    p.add_argument("--batch_size", type=int, default=None, help="default: 32 on a GPU, 4 on the CPU")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--decoder_width", type=int, default=768)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/latest"))
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    import torch
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.batch_size = args.batch_size or (32 if args.device.startswith("cuda") else 4)
+    if args.one:  # child process: one configuration, JSON on stdout
+        cfg = json.loads(args.one)
+        row = measure(
+            cfg["arch"],
+            cfg["variant"],
+            args.batch_size,
+            cfg["size"],
+            cfg["ratio"],
+            args.steps,
+            args.warmup,
+            args.device,
+            args.decoder_width,
+        )
+        print(json.dumps(row))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    env = environment(args.device)
+    log.info("environment: %s", env)
+    todo = configs(args)
+    rows = []
+    for i, cfg in enumerate(todo, 1):
+        row = run_isolated(cfg, args)
+        rows.append(row)
+        if "error" in row:
+            log.warning("[%d/%d] %s: FAILED %s", i, len(todo), cfg, row["error"])
+        else:
+            log.info(
+                "[%d/%d] %-16s %-12s %4d px ratio %.2f: %6.3f s/step %7.1f img/s  enc %6.3f s  peak %.0f MiB",
+                i,
+                len(todo),
+                cfg["arch"],
+                cfg["variant"],
+                cfg["size"],
+                cfg["ratio"],
+                row["step_s"],
+                row["images_per_s"],
+                row["encoder_step_s"],
+                row["peak_mem_mib"],
+            )
+        write(args.out, env, rows, args)  # partial results survive an interruption
+    for r in ratios_table(rows):
+        log.info(
+            "%-16s %4d px ratio %.2f: sparse vs masked-dense speed x%.2f memory x%.2f | vs dense speed x%.2f",
+            r["arch"],
+            r["size"],
+            r["mask_ratio"],
+            r["speedup_vs_masked_dense"] or float("nan"),
+            r["memory_vs_masked_dense"] or float("nan"),
+            r["speedup_vs_dense"] or float("nan"),
+        )
+    log.info("wrote %s", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

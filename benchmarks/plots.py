@@ -1,0 +1,47 @@
+"""Throughput and peak memory vs mask ratio, one panel per architecture (matplotlib)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+STYLE = {"sparse": ("tab:red", "o"), "masked_dense": ("tab:blue", "s"), "dense": ("tab:gray", None)}
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    rows = [r for r in rows if "error" not in r]
+    keys = sorted({(r["arch"], r["size"]) for r in rows})
+    if not keys:
+        return
+    for metric, label, name in (
+        ("images_per_s", "images / s", "throughput.png"),
+        ("peak_mem_mib", "peak memory (MiB)", "memory.png"),
+    ):
+        fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), squeeze=False)
+        for ax, (arch, size) in zip(axes[0], keys, strict=True):
+            for variant, (color, marker) in STYLE.items():
+                pts = sorted(
+                    (r["mask_ratio"], r[metric])
+                    for r in rows
+                    if (r["arch"], r["size"], r["variant"]) == (arch, size, variant)
+                )
+                if not pts:
+                    continue
+                if variant == "dense":  # no masking: one value, drawn across
+                    ax.axhline(pts[0][1], color=color, linestyle="--", label="dense (no mask)")
+                else:
+                    ax.plot(
+                        *zip(*pts, strict=True), color=color, marker=marker, label=variant.replace("_", "-")
+                    )
+            ax.set_title(f"{arch} @ {size}px")
+            ax.set_xlabel("mask ratio")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
