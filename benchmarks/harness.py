@@ -151,10 +151,12 @@ def configs(args) -> list[dict]:
     out = []
     for arch in args.archs:
         for size in args.sizes:
-            out.append(dict(arch=arch, variant="dense", size=size, ratio=0.0))  # no mask: ratio-independent
+            if "dense" in args.variants:  # no mask: one measurement, ratio-independent
+                out.append(dict(arch=arch, variant="dense", size=size, ratio=0.0))
             for ratio in args.ratios:
                 for variant in ("sparse", "masked_dense"):
-                    out.append(dict(arch=arch, variant=variant, size=size, ratio=ratio))
+                    if variant in args.variants:
+                        out.append(dict(arch=arch, variant=variant, size=size, ratio=ratio))
     return out
 
 
@@ -245,6 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--archs", nargs="+", default=list(DEFAULT_ARCHS))
     p.add_argument("--sizes", nargs="+", type=int, default=[224])
     p.add_argument("--ratios", nargs="+", type=float, default=list(DEFAULT_RATIOS))
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=["sparse", "masked_dense", "dense"],
+        choices=["sparse", "masked_dense", "dense"],
+    )
     p.add_argument("--batch_size", type=int, default=None, help="default: 32 on a GPU, 4 on the CPU")
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=2)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import MinkowskiEngine as ME
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from spark_me.masking import PATCH, random_mask
 from spark_me.models.decoder import LightDecoder, init_weights
@@ -114,9 +115,15 @@ class SparK(nn.Module):
             active = self.mask(images)
         check_mask(images, active)
         active = active.to(images.device, torch.bool)
-        feats = self.encode(images, active)
-        pred = self.decode(self.densify(feats, active, images.shape[-2:]))
-        return SparKOutput(self.loss(images, pred, active), pred, active)
+        with record_function("spark.encode"):  # stage names show up in torch.profiler traces
+            feats = self.encode(images, active)
+        with record_function("spark.densify"):
+            to_dec = self.densify(feats, active, images.shape[-2:])
+        with record_function("spark.decode"):
+            pred = self.decode(to_dec)
+        with record_function("spark.loss"):
+            loss = self.loss(images, pred, active)
+        return SparKOutput(loss, pred, active)
 
     def forward(self, images: Tensor, active: Tensor | None = None) -> Tensor:
         """The scalar loss."""

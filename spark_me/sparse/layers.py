@@ -84,16 +84,52 @@ class SparseConv2d(nn.Module):
         )
 
 
+class _DepthwiseFunction(torch.autograd.Function):
+    """Sum over kernel offsets of gathered inputs x weight, accumulated in place.
+
+    Saves only the input features and the kernel (not one gathered copy per offset, as autograd
+    would), and recomputes the gathers in backward: O(N*C) memory instead of O(k*k*N*C).
+    """
+
+    @staticmethod
+    def forward(ctx, feats: Tensor, kernel: Tensor, maps: list[tuple[int, Tensor, Tensor]]) -> Tensor:
+        out = feats.new_zeros(feats.shape)
+        for offset, src, dst in maps:
+            out.index_add_(0, dst, feats[src] * kernel[offset])
+        ctx.save_for_backward(feats, kernel)
+        ctx.maps = maps
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        feats, kernel = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_feats = torch.zeros_like(feats) if ctx.needs_input_grad[0] else None
+        grad_kernel = torch.zeros_like(kernel) if ctx.needs_input_grad[1] else None
+        for offset, src, dst in ctx.maps:
+            g = grad_out[dst]
+            if grad_feats is not None:
+                grad_feats.index_add_(0, src, g * kernel[offset])
+            if grad_kernel is not None:
+                grad_kernel[offset] = (feats[src] * g).sum(0)
+        return grad_feats, grad_kernel, None
+
+
 class SparseDepthwiseConv2d(nn.Module):
     """Depthwise (groups == channels) Conv2d, stride 1, on active sites; weight [C, 1, k, k].
 
-    ME's own channelwise conv loops over offsets in Python too; here each offset is one
-    gather-multiply-index_add, so autograd sees plain torch ops.
+    `impl="function"` (default): one autograd Function that accumulates over the k*k offsets in
+    place and recomputes the gathers in backward (benchmarks/README.md: ConvNeXt-T step memory and
+    time). `impl="loop"`: the same sum as plain autograd ops, one gather + index_add per offset (as
+    ME's channelwise conv does), which keeps k*k intermediate copies for backward.
     """
 
-    def __init__(self, channels: int, kernel_size: int, bias: bool = True):
+    def __init__(self, channels: int, kernel_size: int, bias: bool = True, impl: str = "function"):
         super().__init__()
-        self.channels, self.kernel_size = channels, kernel_size
+        if impl not in ("function", "loop"):
+            raise ValueError(f"impl must be 'function' or 'loop', not {impl!r}")
+        self.channels, self.kernel_size, self.impl = channels, kernel_size, impl
         self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.empty(channels)) if bias else None
         self.kernel_generator = ME.KernelGenerator(kernel_size=kernel_size, stride=1, dimension=2)
@@ -105,23 +141,34 @@ class SparseDepthwiseConv2d(nn.Module):
             bound = 1 / math.sqrt(self.kernel_size**2)
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+    def _kernel_map(self, x: ME.SparseTensor) -> list[tuple[int, Tensor, Tensor]]:
+        """(offset, input rows, output rows) for every kernel offset, from ME's cached kernel map."""
         manager, key = x.coordinate_manager, x.coordinate_map_key
         region_type, region_offset, _ = self.kernel_generator.get_kernel(x.tensor_stride, False)
         kernel_map = manager.kernel_map(
             key, key, 1, self.kernel_size, 1, region_type=region_type, region_offset=region_offset
         )
-        kernel = self.weight[:, 0].permute(2, 1, 0).reshape(self.kernel_size**2, self.channels)  # ME order
-        feats = x.F.new_zeros(x.F.shape)
+        maps = []
         for offset, in_out in kernel_map.items():
             in_out = in_out.long().to(x.device)
-            feats = feats.index_add(0, in_out[1], x.F[in_out[0]] * kernel[offset])
+            maps.append((offset, in_out[0], in_out[1]))
+        return maps
+
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+        kernel = self.weight[:, 0].permute(2, 1, 0).reshape(self.kernel_size**2, self.channels)  # ME order
+        maps = self._kernel_map(x)
+        if self.impl == "function":
+            feats = _DepthwiseFunction.apply(x.F.contiguous(), kernel, maps)
+        else:
+            feats = x.F.new_zeros(x.F.shape)
+            for offset, src, dst in maps:
+                feats = feats.index_add(0, dst, x.F[src] * kernel[offset])
         if self.bias is not None:
             feats = feats + self.bias
         return with_features(x, feats)
 
     def extra_repr(self) -> str:
-        return f"{self.channels}, kernel_size={self.kernel_size}"
+        return f"{self.channels}, kernel_size={self.kernel_size}, impl={self.impl}"
 
 
 class SparseBatchNorm2d(nn.BatchNorm2d):

@@ -65,10 +65,11 @@ def test_conv(case, k: int, stride: int) -> None:
     compare(conv, lambda t: F.conv2d(t, conv.weight, conv.bias, stride, pad), x, active, stride)
 
 
+@pytest.mark.parametrize("impl", ["function", "loop"])
 @pytest.mark.parametrize("k", [3, 7])
-def test_depthwise_conv(case, k: int) -> None:
+def test_depthwise_conv(case, k: int, impl: str) -> None:
     x, active = case
-    conv = SparseDepthwiseConv2d(C, k).double()
+    conv = SparseDepthwiseConv2d(C, k, impl=impl).double()
     compare(conv, lambda t: F.conv2d(t, conv.weight, conv.bias, padding=k // 2, groups=C), x, active)
 
 
