@@ -2,6 +2,7 @@
 
     python3 -m spark_me.bootstrap pretrain [args...]   # the main job
     python3 -m spark_me.bootstrap test [pytest args...] # the test suite
+    python3 -m spark_me.bootstrap finetune-det [args...] # Detectron2 fine-tuning (detection/)
     python3 -m spark_me.bootstrap setup|lint|format|smoke
 
 Standard library only, so that it runs with the machine's bare python3 before anything is
@@ -19,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from spark_me._build import minkowski
+from spark_me._build import detectron2, minkowski
+from spark_me._build.fetch import BuildError
 
 log = logging.getLogger("spark_me.bootstrap")
 
@@ -63,7 +65,7 @@ def ensure_deps() -> None:
     log.info("dependencies installed in %.0f s", time.monotonic() - started)
 
 
-def setup() -> None:
+def setup(with_detectron2: bool = False) -> None:
     if sys.version_info < MIN_PYTHON:
         raise SystemExit(
             f"spark-me needs Python >= {'.'.join(map(str, MIN_PYTHON))}; this is {sys.version.split()[0]}. "
@@ -72,6 +74,8 @@ def setup() -> None:
     ensure_venv()
     ensure_deps()
     minkowski.ensure_minkowski(str(venv_python()))
+    if with_detectron2:  # optional extra: the tests and the fine-tuning need it, pretraining does not
+        detectron2.ensure_detectron2(str(venv_python()))
 
 
 def run_in_venv(args: list[str]) -> int:
@@ -85,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = (argv[0], argv[1:]) if argv else ("help", [])
     jobs = {
         "pretrain": ["-m", "spark_me.cli", "pretrain", *rest],
+        "finetune-det": ["-m", "spark_me.cli", "finetune-det", *rest],
         "smoke": ["-m", "spark_me.cli", "smoke", *rest],
         "test": ["-m", "pytest", *rest],
         "lint": ["-m", "ruff", "check", ".", *rest],
@@ -95,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0 if command in ("help", "-h", "--help") else 2
     try:
-        setup()
-    except minkowski.BuildError as err:
+        setup(with_detectron2=command in ("test", "setup", "finetune-det"))
+    except BuildError as err:
         log.error("error: %s", err)
         return 1
     except subprocess.CalledProcessError as err:
@@ -104,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if jobs[command] is None:
         return 0
+    if command == "test":  # detection tests must run here, not skip
+        os.environ["SPARK_ME_REQUIRE_DETECTRON2"] = "1"
     return run_in_venv(jobs[command])
 
 

@@ -60,6 +60,22 @@ def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
     return bench_main(extra)
 
 
+def cmd_finetune_det(args: argparse.Namespace, extra: list[str]) -> int:
+    """Detectron2 fine-tuning (flags: `spark-me finetune-det --help`)."""
+    try:
+        import detectron2  # noqa: F401
+    except ImportError:
+        log.error(
+            "Detectron2 is not installed in this environment: `python3 -m spark_me.bootstrap setup` "
+            "installs it (or `python -m spark_me._build.detectron2`; upstream: see detection/README.md)"
+        )
+        return 1
+    from detection.train_net import run
+
+    run(extra)
+    return 0
+
+
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     """Picture of input / masked / reconstruction / merged from a pretraining checkpoint."""
     import torch
@@ -107,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
         "pretrain", help="SparK pretraining (see spark-me pretrain --help)", add_help=False
     )
     pretrain.set_defaults(func=cmd_pretrain, takes_extra=True)
+    finetune = sub.add_parser(
+        "finetune-det", help="Detectron2 Mask R-CNN fine-tuning of an export", add_help=False
+    )
+    finetune.set_defaults(func=cmd_finetune_det, takes_extra=True)
     recon = sub.add_parser("reconstruct", help=cmd_reconstruct.__doc__)
     recon.add_argument("checkpoint", type=Path)
     recon.add_argument("images", nargs="*", type=Path, help="image files (default: the embedded photographs)")

@@ -26,36 +26,29 @@ import tarfile
 import tempfile
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from spark_me._build.fetch import BuildError, cache_root, fetch_by_name
 
 log = logging.getLogger("spark_me.build")
 
 ME_VERSION = "0.5.4"
 SDIST_NAME = f"MinkowskiEngine-{ME_VERSION}.tar.gz"
 SDIST_SHA256 = "b1879c00d0b0b1d30ba622cce239886a7e3c78ee9da1064cdfe2f64c2ab15f94"
-DEFAULT_INDEX = "https://pypi.org/simple"
 PATCH_DIR = Path(__file__).parent / "patches" / f"minkowskiengine-{ME_VERSION}"
+# Applied on top for CUDA builds only (they touch .cu/.cuh files), so CPU wheel keys do not change.
+CUDA_PATCH_DIR = Path(__file__).parent / "patches" / f"minkowskiengine-{ME_VERSION}-cuda"
+DEFAULT_ARCH_LIST = "8.0;8.6;9.0"  # A100, A10/RTX 30xx, H100/H200
 BUILD_STAMP = "spark-me-minkowski-build.json"  # written into the target's sys.prefix
 
 
-class BuildError(RuntimeError):
-    """The ME build cannot proceed; the message says what to do."""
-
-
-def cache_root() -> Path:
-    """Outside the repo so that fresh clones and `git clean` keep the multi-minute build."""
-    if os.environ.get("SPARK_ME_CACHE"):
-        return Path(os.environ["SPARK_ME_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "spark-me"
-
-
-def patch_files() -> list[Path]:
+def patch_files(cuda: bool = False) -> list[Path]:
     patches = sorted(PATCH_DIR.glob("*.patch"))
     if not patches:
         raise BuildError(f"no patch files found in {PATCH_DIR}")
+    if cuda:
+        patches += sorted(CUDA_PATCH_DIR.glob("*.patch"))
     return patches
 
 
@@ -67,9 +60,9 @@ def patch_reason(patch: Path) -> str:
     return first[len("Reason: ") :]
 
 
-def patch_set_hash() -> str:
+def patch_set_hash(cuda: bool = False) -> str:
     digest = hashlib.sha256()
-    for patch in patch_files():
+    for patch in patch_files(cuda):
         digest.update(patch.name.encode() + b"\0" + patch.read_bytes() + b"\0")
     return digest.hexdigest()[:12]
 
@@ -88,7 +81,8 @@ class Target:
     def key(self) -> str:
         flavour = "cpu" if self.cuda is None else f"cu{self.cuda}-sm{self.arch_list}"
         flavour = re.sub(r"[^A-Za-z0-9.+_-]", "_", flavour)
-        return f"me{ME_VERSION}-{self.python_tag}-torch{self.torch}-{flavour}-patches{patch_set_hash()}"
+        patches = patch_set_hash(cuda=self.cuda is not None)
+        return f"me{ME_VERSION}-{self.python_tag}-torch{self.torch}-{flavour}-patches{patches}"
 
 
 def probe_target(python: str, cuda: bool, arch_list: str | None) -> Target:
@@ -108,7 +102,7 @@ def probe_target(python: str, cuda: bool, arch_list: str | None) -> Target:
     if cuda and not info["cuda"]:
         raise BuildError(f"--cuda asked for, but torch {info['torch']} in {python} has no CUDA")
     if cuda and not arch_list:
-        arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0"
+        arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCH_LIST
     return Target(
         python=python,
         python_tag=info["tag"],
@@ -118,49 +112,18 @@ def probe_target(python: str, cuda: bool, arch_list: str | None) -> Target:
     )
 
 
-def _index_url() -> str:
-    return (os.environ.get("PIP_INDEX_URL") or DEFAULT_INDEX).rstrip("/")
-
-
 def fetch_sdist(cache: Path) -> Path:
-    """Download the sdist by name from the package index's simple API, checking its sha256."""
-    dest = cache / "sdist" / SDIST_NAME
-    if dest.exists() and _sha256(dest) == SDIST_SHA256:
-        return dest
-    page_url = f"{_index_url()}/minkowskiengine/"
-    log.info("fetching %s from %s", SDIST_NAME, page_url)
-    with urllib.request.urlopen(page_url, timeout=60) as resp:
-        page = resp.read().decode()
-    match = re.search(r'href="([^"]*/' + re.escape(SDIST_NAME) + r')(?:#[^"]*)?"', page)
-    if not match:
-        raise BuildError(f"{SDIST_NAME} is not listed at {page_url}")
-    url = urllib.request.urljoin(page_url, match.group(1).replace("&amp;", "&"))
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(".part")
-    with urllib.request.urlopen(url, timeout=120) as resp, open(tmp, "wb") as fh:
-        shutil.copyfileobj(resp, fh)
-    if _sha256(tmp) != SDIST_SHA256:
-        tmp.unlink()
-        raise BuildError(f"sha256 of downloaded {SDIST_NAME} does not match {SDIST_SHA256}")
-    tmp.replace(dest)
-    return dest
+    """The ME sdist, downloaded by name from the package index and checked against its sha256."""
+    return fetch_by_name("minkowskiengine", SDIST_NAME, SDIST_SHA256, cache / "sdist" / SDIST_NAME)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def unpack_and_patch(sdist: Path, workdir: Path) -> Path:
+def unpack_and_patch(sdist: Path, workdir: Path, cuda: bool = False) -> Path:
     with tarfile.open(sdist) as tar:
         extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         tar.extractall(workdir, **extra)
     src = workdir / f"MinkowskiEngine-{ME_VERSION}"
     patch_tool = shutil.which("patch")
-    for patch in patch_files():
+    for patch in patch_files(cuda):
         log.info("patch %s: %s", patch.name, patch_reason(patch))
         if patch_tool:
             cmd = [patch_tool, "-p1", "--forward", "--batch", "--silent", "-i", str(patch)]
@@ -214,6 +177,21 @@ def _heartbeat(logfile: Path, started: float, done: threading.Event) -> None:
         log.info("  ... %d s elapsed%s", time.monotonic() - started, current)
 
 
+def cuda_home() -> Path:
+    """The toolkit root: $CUDA_HOME, else where `nvcc` really lives (wrapper scripts are followed)."""
+    if os.environ.get("CUDA_HOME"):
+        return Path(os.environ["CUDA_HOME"])
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise BuildError("a CUDA build needs nvcc: install the CUDA toolkit or set CUDA_HOME")
+    real = Path(nvcc).resolve()
+    text = real.read_bytes()[:4096]
+    if text.startswith(b"#!"):  # e.g. `exec /usr/local/cuda-13.0/bin/nvcc "$@"`
+        if found := re.search(rb"(/\S+)/bin/nvcc", text):
+            return Path(found.group(1).decode())
+    return real.parent.parent
+
+
 def build_wheel(target: Target, src: Path, outdir: Path, logfile: Path) -> Path:
     jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
     env = dict(os.environ, MAX_JOBS=jobs, ME_BLAS=os.environ.get("ME_BLAS", "openblas"))
@@ -226,9 +204,21 @@ def build_wheel(target: Target, src: Path, outdir: Path, logfile: Path) -> Path:
         estimate = f"~6 min on 2 cores, {jobs} jobs"
     else:
         env.update(ME_FORCE_CUDA="1", TORCH_CUDA_ARCH_LIST=target.arch_list or "")
+        env.setdefault("CUDA_HOME", str(cuda_home()))
         estimate = f"~1 CPU-hour per arch ({target.arch_list}), {jobs} jobs"
     log.info("building ME %s wheel for %s (%s); log: %s", ME_VERSION, target.key, estimate, logfile)
-    cmd = [target.python, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation", "-w", str(outdir), str(src)]
+    cmd = [
+        target.python,
+        "-m",
+        "pip",
+        "wheel",
+        "-v",
+        "--no-deps",
+        "--no-build-isolation",
+        "-w",
+        str(outdir),
+        str(src),
+    ]
     started = time.monotonic()
     done = threading.Event()
     watcher = threading.Thread(target=_heartbeat, args=(logfile, started, done), daemon=True)
@@ -265,7 +255,7 @@ def ensure_wheel(target: Target) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="me-build-", dir=final.parent) as tmp:
         tmpdir = Path(tmp)
-        src = unpack_and_patch(sdist, tmpdir / "src")
+        src = unpack_and_patch(sdist, tmpdir / "src", cuda=target.cuda is not None)
         outdir = tmpdir / "wheel"
         outdir.mkdir()
         logfile = cache / "logs" / f"{target.key}.log"
@@ -288,9 +278,7 @@ def install(target: Target, wheel: Path) -> None:
         [target.python, "-m", "pip", "install", "--quiet", "--no-deps", "--force-reinstall", str(wheel)],
         check=True,
     )
-    code = (
-        f"import sys, pathlib; pathlib.Path(sys.prefix, {BUILD_STAMP!r}).write_text({target.key!r})"
-    )
+    code = f"import sys, pathlib; pathlib.Path(sys.prefix, {BUILD_STAMP!r}).write_text({target.key!r})"
     subprocess.run([target.python, "-c", code], check=True)
 
 
@@ -320,10 +308,12 @@ def ensure_minkowski(python: str, cuda: bool = False, arch_list: str | None = No
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--python", default=sys.executable, help="interpreter to install ME into")
     parser.add_argument("--cuda", action="store_true", help="build the CUDA extension (needs nvcc)")
-    parser.add_argument("--arch", default=None, help='TORCH_CUDA_ARCH_LIST, e.g. "8.0;9.0"')
+    parser.add_argument("--arch", default=None, help=f'TORCH_CUDA_ARCH_LIST (default "{DEFAULT_ARCH_LIST}")')
     parser.add_argument("--wheel-only", action="store_true", help="build/cache the wheel, do not install")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -58,7 +58,7 @@ def test_patches_apply_to_the_real_sdist(tmp_path: Path) -> None:
     sdist = minkowski.fetch_sdist(minkowski.cache_root())
     src = minkowski.unpack_and_patch(sdist, tmp_path)
     setup_py = (src / "setup.py").read_text()
-    assert 'run_command("rm"' not in setup_py and "pip\", \"uninstall" not in setup_py
+    assert 'run_command("rm"' not in setup_py and 'pip", "uninstall' not in setup_py
     assert "import numpy.distutils" not in setup_py
     assert "library_dirs=library_dirs" in setup_py
     for module in src.joinpath("MinkowskiEngine").rglob("*.py"):
