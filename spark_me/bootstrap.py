@@ -3,7 +3,10 @@
     python3 -m spark_me.bootstrap pretrain [args...]   # the main job
     python3 -m spark_me.bootstrap test [pytest args...] # the test suite
     python3 -m spark_me.bootstrap finetune-det [args...] # Detectron2 fine-tuning (detection/)
-    python3 -m spark_me.bootstrap setup|lint|format|smoke
+    python3 -m spark_me.bootstrap setup [--no-detectron2]|lint|format|smoke
+
+MinkowskiEngine is built with CUDA when a GPU and nvcc are present (SPARK_ME_CUDA=1 forces it, e.g.
+in a Docker build without GPU, for TORCH_CUDA_ARCH_LIST; SPARK_ME_CUDA=0 forces the CPU build).
 
 Standard library only, so that it runs with the machine's bare python3 before anything is
 installed. Every step is skipped when already done (dependency stamp, cached ME wheel), so a second
@@ -15,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -65,6 +69,31 @@ def ensure_deps() -> None:
     log.info("dependencies installed in %.0f s", time.monotonic() - started)
 
 
+def want_cuda() -> tuple[bool, str | None]:
+    """Build ME with CUDA? SPARK_ME_CUDA=1/0 decides; unset: when the venv's torch sees a GPU and
+    nvcc exists (then for that GPU's architecture unless TORCH_CUDA_ARCH_LIST says otherwise)."""
+    flag = os.environ.get("SPARK_ME_CUDA", "").strip().lower()
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or None
+    if flag in ("1", "true", "yes", "on"):
+        return True, arch_list
+    if flag in ("0", "false", "no", "off"):
+        return False, None
+    code = (
+        "import torch; "
+        "print('%d.%d' % torch.cuda.get_device_capability() if torch.cuda.is_available() else '')"
+    )
+    out = subprocess.run([str(venv_python()), "-c", code], capture_output=True, text=True)
+    gpu_arch = out.stdout.strip() if out.returncode == 0 else ""
+    if not gpu_arch:
+        return False, None
+    if not (os.environ.get("CUDA_HOME") or shutil.which("nvcc")):
+        log.warning("a GPU is visible but nvcc is not: building MinkowskiEngine for the CPU only "
+                    "(install the CUDA toolkit or set CUDA_HOME, then re-run)")  # fmt: skip
+        return False, None
+    log.info("GPU (sm %s) and nvcc found: building MinkowskiEngine with CUDA", gpu_arch)
+    return True, arch_list or gpu_arch
+
+
 def setup(with_detectron2: bool = False) -> None:
     if sys.version_info < MIN_PYTHON:
         raise SystemExit(
@@ -73,7 +102,8 @@ def setup(with_detectron2: bool = False) -> None:
         )
     ensure_venv()
     ensure_deps()
-    minkowski.ensure_minkowski(str(venv_python()))
+    cuda, arch_list = want_cuda()
+    minkowski.ensure_minkowski(str(venv_python()), cuda=cuda, arch_list=arch_list)
     if with_detectron2:  # optional extra: the tests and the fine-tuning need it, pretraining does not
         detectron2.ensure_detectron2(str(venv_python()))
 
@@ -99,8 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     if command not in jobs:
         print(__doc__)
         return 0 if command in ("help", "-h", "--help") else 2
+    if command == "setup" and "--no-detectron2" in rest:  # e.g. the Docker image's optional step
+        rest.remove("--no-detectron2")
+        with_detectron2 = False
+    else:
+        with_detectron2 = command in ("test", "setup", "finetune-det")
     try:
-        setup(with_detectron2=command in ("test", "setup", "finetune-det"))
+        setup(with_detectron2=with_detectron2)
     except BuildError as err:
         log.error("error: %s", err)
         return 1

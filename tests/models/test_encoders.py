@@ -47,12 +47,15 @@ def test_sparse_equals_masked_dense_float64(pair_factory, gen, arch: str, ratio:
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("ratio", [0.0, 0.6])
 @pytest.mark.parametrize("arch", sorted(TINY))
-def test_sparse_equals_masked_dense_float32(pair_factory, gen, arch: str, ratio: float, train: bool) -> None:
+def test_sparse_equals_masked_dense_float32(
+    pair_factory, gen, arch: str, ratio: float, train: bool, device: str
+) -> None:
+    """On every available device (CUDA: ME's GPU kernels vs cuDNN)."""
     sparse, reference = pair_factory(arch)
-    sparse.train(train)
-    reference.train(train)
-    images = torch.randn(4, 3, 96, 128, generator=gen)
-    active = mask_for(images, ratio, gen)
+    sparse.to(device).train(train)
+    reference.to(device).train(train)
+    images = torch.randn(4, 3, 96, 128, generator=gen).to(device)
+    active = mask_for(images, ratio, gen).to(device)
     assert_maps_equal(sparse(images, active), reference(images, active), sparse.channels, images)
 
 
