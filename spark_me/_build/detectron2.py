@@ -29,7 +29,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from spark_me._build.fetch import BuildError, cache_root, fetch_by_name
+from spark_me._build.fetch import BuildError, cache_root, fetch_by_name, run_step
 
 log = logging.getLogger("spark_me.build")
 
@@ -152,16 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--python", default=sys.executable, help="interpreter to install Detectron2 into")
     parser.add_argument("--wheel-only", action="store_true", help="make the cached wheel, do not install")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        if args.wheel_only:
-            print(ensure_wheel())
-        else:
-            ensure_detectron2(args.python)
-    except BuildError as err:
-        log.error("error: %s", err)
-        return 1
-    return 0
+    if args.wheel_only:
+        return run_step(lambda: print(ensure_wheel()))
+    return run_step(lambda: ensure_detectron2(args.python))
 
 
 if __name__ == "__main__":

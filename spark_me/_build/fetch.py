@@ -1,6 +1,7 @@
-"""Cache location and hash-checked downloads by name from the package index (standard library only).
+"""What the set-up steps share (standard library only): the cache location, hash-checked downloads
+by name from the package index, and how a step reports failure on the command line.
 
-Shared by the MinkowskiEngine build and the Detectron2 repack: both fetch one pinned file from the
+Used by the MinkowskiEngine build and the Detectron2 repack: both fetch one pinned file from the
 index's simple API, check its sha256 and keep it in a cache outside the repository.
 """
 
@@ -12,6 +13,7 @@ import os
 import re
 import shutil
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("spark_me.build")
@@ -64,3 +66,14 @@ def fetch_by_name(project: str, filename: str, expected_sha256: str, dest: Path)
         raise BuildError(f"sha256 of downloaded {filename} does not match the pinned {expected_sha256}")
     tmp.replace(dest)
     return dest
+
+
+def run_step(step: Callable[[], object]) -> int:
+    """A set-up step as a command: progress lines on stderr; a BuildError is one message and exit 1."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        step()
+    except BuildError as err:
+        log.error("error: %s", err)
+        return 1
+    return 0

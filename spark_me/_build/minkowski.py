@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from spark_me._build.fetch import BuildError, cache_root, fetch_by_name
+from spark_me._build.fetch import BuildError, cache_root, fetch_by_name, run_step
 
 log = logging.getLogger("spark_me.build")
 
@@ -316,16 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", default=None, help=f'TORCH_CUDA_ARCH_LIST (default "{DEFAULT_ARCH_LIST}")')
     parser.add_argument("--wheel-only", action="store_true", help="build/cache the wheel, do not install")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        if args.wheel_only:
-            print(ensure_wheel(probe_target(args.python, args.cuda, args.arch)))
-        else:
-            ensure_minkowski(args.python, args.cuda, args.arch)
-    except BuildError as err:
-        log.error("error: %s", err)
-        return 1
-    return 0
+    if args.wheel_only:
+        return run_step(lambda: print(ensure_wheel(probe_target(args.python, args.cuda, args.arch))))
+    return run_step(lambda: ensure_minkowski(args.python, args.cuda, args.arch))
 
 
 if __name__ == "__main__":
