@@ -12,6 +12,7 @@ Trailing `KEY VALUE` pairs override the config, as in Detectron2's tools.
 
 from __future__ import annotations
 
+import argparse
 import logging
 from pathlib import Path
 
@@ -88,13 +89,13 @@ def setup(args) -> CfgNode:
     if args.smoke:
         out = Path(_opt(opts, "OUTPUT_DIR") or "output/finetune_det_smoke")
         opts = smoke_overrides(out / "tiny_coco") + ["OUTPUT_DIR", str(out)] + opts
-    args.config_file = str(resolve_config_file(args.config_file))  # default_setup copies it to OUTPUT_DIR
-    cfg = load_config(args.config_file, opts)
+    config_file = str(resolve_config_file(args.config_file))
+    cfg = load_config(config_file, opts)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         log.warning("no CUDA device: running on the CPU (MODEL.DEVICE cpu)")
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
-    default_setup(cfg, args)
+    default_setup(cfg, argparse.Namespace(**{**vars(args), "config_file": config_file}))  # copies the file
     return cfg
 
 
