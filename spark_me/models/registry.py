@@ -28,10 +28,16 @@ def list_encoders(pattern: str = "*") -> list[str]:
     return sorted(name for name in _ENCODERS if fnmatch.fnmatch(name, pattern))
 
 
-def create_encoder(arch: str, **kwargs) -> nn.Module:
-    """Build a sparse encoder, e.g. `create_encoder("resnet50", drop_path_rate=0.05)`."""
+def create_encoder(arch: str, dataflow: str = "auto", **kwargs) -> nn.Module:
+    """Build a sparse encoder, e.g. `create_encoder("resnet50", drop_path_rate=0.05)`.
+
+    `dataflow`: how its sparse convs are computed: "auto" (each op's fastest dataflow, measured on
+    first use), "rules", or one of "block", "dense", "gemm", "me" everywhere (see spark_me.sparse).
+    """
     _ensure_loaded()
     if arch not in _ENCODERS:
         close = [n for n in _ENCODERS if n.split("_")[0] == arch.split("_")[0]] or sorted(_ENCODERS)
         raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(sorted(close))}")
-    return _ENCODERS[arch](**kwargs)
+    encoder = _ENCODERS[arch](**kwargs)
+    encoder.set_dataflow(dataflow)
+    return encoder

@@ -97,7 +97,7 @@ class SparseResNet(SparseEncoder):
         self.conv1 = SparseConv2d(in_chans, 64, 7, stride=2)
         self.bn1 = SparseBatchNorm2d(64)
         self.act1 = SparseActivation(nn.ReLU())
-        self.maxpool = SparseMaxPool2d(3, 2)
+        self.maxpool = SparseMaxPool2d(3, 2, channels=64)
         total, index, inplanes = sum(layers), 0, 64
         for stage, (planes, depth) in enumerate(zip((64, 128, 256, 512), layers, strict=True)):
             stride = 1 if stage == 0 else 2

@@ -13,7 +13,7 @@ from spark_me.masking import PATCH, random_mask
 from spark_me.models.decoder import LightDecoder, init_weights
 from spark_me.models.encoder import SparseEncoder, check_mask
 from spark_me.models.resnet import SparseResNet
-from spark_me.sparse.layers import SparseBatchNorm2d, SparseLayerNorm
+from spark_me.sparse.layers import SparseBatchNorm2d, SparseLayerNorm, with_features
 from spark_me.sparse.tensor import densify, sparsify, upsample_mask
 
 
@@ -78,9 +78,10 @@ class SparK(nn.Module):
         return random_mask(b, h, w, self.mask_ratio, generator=generator, device=images.device)
 
     def encode(self, images: Tensor, active: Tensor) -> list[ME.SparseTensor]:
-        """Sparsify the visible pixels and run the sparse encoder: 4 sparse maps, strides 4..32 (fp32)."""
-        with torch.autocast(images.device.type, enabled=False):
-            return self.encoder.forward_sparse(sparsify(images.to(self.encoder.me_dtype), active))
+        """Sparsify the visible pixels and run the sparse encoder: 4 sparse maps, strides 4..32.
+
+        Under autocast the encoder's kernels run in the autocast dtype (see SparseEncoder)."""
+        return self.encoder.forward_sparse(sparsify(images, active))
 
     def densify(
         self, feats: list[ME.SparseTensor], active: Tensor, image_hw: tuple[int, int]
@@ -91,10 +92,11 @@ class SparK(nn.Module):
         for i, x in enumerate(reversed(feats)):
             stride = PATCH // 2**i
             shape = (active.shape[0], x.F.shape[1], height // stride, width // stride)
-            with torch.autocast(active.device.type, enabled=False):
-                dense = densify(self.densify_norms[i](x), shape)
-            visible = upsample_mask(active, shape[2], shape[3])
-            dense = torch.where(visible, dense, self.mask_tokens[i].to(dense.dtype))
+            with torch.autocast(active.device.type, enabled=False):  # norm statistics in float32
+                if x.F.dtype not in (torch.float32, torch.float64):
+                    x = with_features(x, x.F.float())
+                x = self.densify_norms[i](x)
+            dense = densify(x, shape, fill=self.mask_tokens[i])  # holes = mask token, channels-last
             out.append(self.densify_projs[i](dense))
         return out
 

@@ -1,8 +1,10 @@
 """Sparse layers on MinkowskiEngine whose parameters are named and shaped exactly like torch's.
 
-`SparseConv2d.weight` is `[out, in, k, k]` like `nn.Conv2d.weight` and is re-laid out into ME's
-`[k*k, in, out]` kernel on every call (a cheap permute). So an encoder built from these layers has
-the same `state_dict` as its timm twin, and export to timm is a key-for-key copy.
+`SparseConv2d.weight` is `[out, in, k, k]` like `nn.Conv2d.weight` (re-laid out into ME's
+`[k*k, in, out]` kernel only when ME's own function runs). So an encoder built from these layers
+has the same `state_dict` as its timm twin, and export to timm is a key-for-key copy. Convs,
+depthwise convs and max-pools say what they compute (`SparseOp`) and run whichever dataflow
+(dataflows.py) their tuner (tuner.py) picks.
 
 Every layer maps `ME.SparseTensor -> ME.SparseTensor`. Stride-1 layers keep the input's sites;
 strided ones put an output site wherever a stride cell holds an active input (with patch-aligned
@@ -20,10 +22,12 @@ import math
 import MinkowskiEngine as ME
 import torch
 import torch.nn.functional as F
-from MinkowskiEngineBackend._C import ConvolutionMode
 from torch import Tensor, nn
 
-from spark_me.sparse.layout import conv_weight_to_me_kernel
+from spark_me.sparse import dataflows
+from spark_me.sparse.dataflows import SparseOp
+from spark_me.sparse.geometry import layout_of
+from spark_me.sparse.tuner import DataflowTuner, rule_for
 
 
 def with_features(x: ME.SparseTensor, features: Tensor) -> ME.SparseTensor:
@@ -35,10 +39,31 @@ def with_features(x: ME.SparseTensor, features: Tensor) -> ME.SparseTensor:
 
 def batch_index(x: ME.SparseTensor) -> Tensor:
     """[N] long: which image each site belongs to."""
-    return x.C[:, 0].long()
+    layout = layout_of(x)
+    return layout.batch_index() if layout is not None else x.C[:, 0].long().to(x.device)
 
 
-class SparseConv2d(nn.Module):
+class _TunedOp(nn.Module):
+    """A layer whose computation is a `SparseOp` run by the dataflow its tuner picks.
+
+    `tuner` is a plain attribute (not a submodule, not in the state_dict), shared by the layers of
+    one encoder; without one the rule table decides. `last_dataflow` says what ran last (reports).
+    """
+
+    op: SparseOp
+    tuner: DataflowTuner | None = None
+    last_dataflow: str | None = None
+
+    def run_op(self, x: ME.SparseTensor, weight: Tensor | None, bias: Tensor | None) -> ME.SparseTensor:
+        if self.tuner is not None:
+            self.last_dataflow = self.tuner.choose(self.op, x, weight, bias)
+        else:
+            self.last_dataflow = rule_for(self.op, x)
+        feats, key = dataflows.run(self.last_dataflow, self.op, x, weight, bias)
+        return ME.SparseTensor(feats, coordinate_map_key=key, coordinate_manager=x.coordinate_manager)
+
+
+class SparseConv2d(_TunedOp):
     """Conv2d on active sites. Odd kernels are centred (padding k//2); even kernels span 0..k-1."""
 
     def __init__(
@@ -49,7 +74,7 @@ class SparseConv2d(nn.Module):
         self.kernel_size, self.stride = kernel_size, stride
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
-        self.kernel_generator = ME.KernelGenerator(kernel_size=kernel_size, stride=stride, dimension=2)
+        self.op = SparseOp("conv", kernel_size, stride, in_channels, out_channels)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -59,24 +84,10 @@ class SparseConv2d(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
-        if self.kernel_size == 1 and self.stride == 1:
-            feats = x.F @ self.weight.view(self.out_channels, self.in_channels).t()
-            out_key = x.coordinate_map_key
-        else:
-            # An empty key: ME fills it with the strided output sites (or reuses the input's at stride 1).
-            out_key = ME.CoordinateMapKey(x.coordinate_map_key.get_coordinate_size())
-            feats = ME.MinkowskiConvolutionFunction.apply(
-                x.F,
-                conv_weight_to_me_kernel(self.weight).contiguous(),
-                self.kernel_generator,
-                ConvolutionMode.DEFAULT,
-                x.coordinate_map_key,
-                out_key,
-                x._manager,
-            )
-        if self.bias is not None:
-            feats = feats + self.bias
-        return ME.SparseTensor(feats, coordinate_map_key=out_key, coordinate_manager=x._manager)
+        if self.kernel_size == 1 and self.stride == 1:  # a GEMM on the features, whatever the layout
+            feats = F.linear(x.F, self.weight.view(self.out_channels, self.in_channels), self.bias)
+            return with_features(x, feats)
+        return self.run_op(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (
@@ -84,55 +95,15 @@ class SparseConv2d(nn.Module):
         )
 
 
-class _DepthwiseFunction(torch.autograd.Function):
-    """Sum over kernel offsets of gathered inputs x weight, accumulated in place.
+class SparseDepthwiseConv2d(_TunedOp):
+    """Depthwise (groups == channels) Conv2d, stride 1, on active sites; weight [C, 1, k, k]."""
 
-    Saves only the input features and the kernel (not one gathered copy per offset, as autograd
-    would), and recomputes the gathers in backward: O(N*C) memory instead of O(k*k*N*C).
-    """
-
-    @staticmethod
-    def forward(ctx, feats: Tensor, kernel: Tensor, maps: list[tuple[int, Tensor, Tensor]]) -> Tensor:
-        out = feats.new_zeros(feats.shape)
-        for offset, src, dst in maps:
-            out.index_add_(0, dst, feats[src] * kernel[offset])
-        ctx.save_for_backward(feats, kernel)
-        ctx.maps = maps
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: Tensor):
-        feats, kernel = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        grad_feats = torch.zeros_like(feats) if ctx.needs_input_grad[0] else None
-        grad_kernel = torch.zeros_like(kernel) if ctx.needs_input_grad[1] else None
-        for offset, src, dst in ctx.maps:
-            g = grad_out[dst]
-            if grad_feats is not None:
-                grad_feats.index_add_(0, src, g * kernel[offset])
-            if grad_kernel is not None:
-                grad_kernel[offset] = (feats[src] * g).sum(0)
-        return grad_feats, grad_kernel, None
-
-
-class SparseDepthwiseConv2d(nn.Module):
-    """Depthwise (groups == channels) Conv2d, stride 1, on active sites; weight [C, 1, k, k].
-
-    `impl="function"` (default): one autograd Function that accumulates over the k*k offsets in
-    place and recomputes the gathers in backward (benchmarks/README.md: ConvNeXt-T step memory and
-    time). `impl="loop"`: the same sum as plain autograd ops, one gather + index_add per offset (as
-    ME's channelwise conv does), which keeps k*k intermediate copies for backward.
-    """
-
-    def __init__(self, channels: int, kernel_size: int, bias: bool = True, impl: str = "function"):
+    def __init__(self, channels: int, kernel_size: int, bias: bool = True):
         super().__init__()
-        if impl not in ("function", "loop"):
-            raise ValueError(f"impl must be 'function' or 'loop', not {impl!r}")
-        self.channels, self.kernel_size, self.impl = channels, kernel_size, impl
+        self.channels, self.kernel_size = channels, kernel_size
         self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.empty(channels)) if bias else None
-        self.kernel_generator = ME.KernelGenerator(kernel_size=kernel_size, stride=1, dimension=2)
+        self.op = SparseOp("depthwise", kernel_size, 1, channels, channels)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -141,45 +112,39 @@ class SparseDepthwiseConv2d(nn.Module):
             bound = 1 / math.sqrt(self.kernel_size**2)
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def _kernel_map(self, x: ME.SparseTensor) -> list[tuple[int, Tensor, Tensor]]:
-        """(offset, input rows, output rows) for every kernel offset, from ME's cached kernel map."""
-        manager, key = x.coordinate_manager, x.coordinate_map_key
-        region_type, region_offset, _ = self.kernel_generator.get_kernel(x.tensor_stride, False)
-        kernel_map = manager.kernel_map(
-            key, key, 1, self.kernel_size, 1, region_type=region_type, region_offset=region_offset
-        )
-        maps = []
-        for offset, in_out in kernel_map.items():
-            in_out = in_out.long().to(x.device)
-            maps.append((offset, in_out[0], in_out[1]))
-        return maps
-
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
-        kernel = self.weight[:, 0].permute(2, 1, 0).reshape(self.kernel_size**2, self.channels)  # ME order
-        maps = self._kernel_map(x)
-        if self.impl == "function":
-            feats = _DepthwiseFunction.apply(x.F.contiguous(), kernel, maps)
-        else:
-            feats = x.F.new_zeros(x.F.shape)
-            for offset, src, dst in maps:
-                feats = feats.index_add(0, dst, x.F[src] * kernel[offset])
-        if self.bias is not None:
-            feats = feats + self.bias
-        return with_features(x, feats)
+        return self.run_op(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"{self.channels}, kernel_size={self.kernel_size}, impl={self.impl}"
+        return f"{self.channels}, kernel_size={self.kernel_size}"
 
 
 class SparseBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm with statistics over active sites only (SparK's sparse BN); BatchNorm2d's state."""
+    """BatchNorm with statistics over active sites only (SparK's sparse BN); BatchNorm2d's state.
+
+    Runs `F.batch_norm` on the [N, C] features directly (no transposed copies), with BatchNorm2d's
+    running-statistics bookkeeping.
+    """
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:  # type: ignore[override]
-        feats = x.F
-        # [N, C] -> [1, C, N, 1] lets BatchNorm2d's own code (running stats, momentum) do the work.
-        # contiguous() is required: torch 2.14's CPU eval-mode BN backward is wrong for strided input.
-        out = super().forward(feats.t().contiguous()[None, :, :, None])
-        return with_features(x, out[0, :, :, 0].t())
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                momentum = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or self.running_mean is None
+        track = not self.training or self.track_running_stats
+        out = F.batch_norm(
+            x.F,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            momentum,
+            self.eps,
+        )
+        return with_features(x, out)
 
 
 class SparseLayerNorm(nn.LayerNorm):
@@ -233,35 +198,24 @@ class SparseGRN(nn.Module):
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
         feats, batch = x.F, batch_index(x)
         num_images = int(batch.max()) + 1 if len(batch) else 0
-        sq = feats.new_zeros(num_images, feats.shape[1]).index_add(0, batch, feats * feats)
+        wide = feats.to(torch.promote_types(feats.dtype, torch.float32))  # sums in >= float32
+        sq = wide.new_zeros(num_images, feats.shape[1]).index_add(0, batch, wide * wide)
         g = sq.sqrt()  # [B, C]
-        n = g / (g.mean(dim=1, keepdim=True) + self.eps)
-        return with_features(x, feats + torch.addcmul(self.bias, self.weight, feats * n[batch]))
+        n = (g / (g.mean(dim=1, keepdim=True) + self.eps)).to(feats.dtype)
+        return with_features(x, feats + torch.addcmul(self.bias, self.weight, feats * n[batch]).to(feats.dtype))
 
 
-class SparseMaxPool2d(nn.Module):
-    """Max pooling over active sites only, odd kernel centred like MaxPool2d(k, s, k//2).
+class SparseMaxPool2d(_TunedOp):
+    """Max pooling over active sites only (masked sites never win), odd kernel centred like
+    MaxPool2d(k, s, k//2)."""
 
-    Calls ME's pooling function directly (ME's module cannot be deep-copied, which EMA copies and
-    checkpoint tools need).
-    """
-
-    def __init__(self, kernel_size: int, stride: int):
+    def __init__(self, kernel_size: int, stride: int, channels: int = 0):
         super().__init__()
         self.kernel_size, self.stride = kernel_size, stride
-        self.kernel_generator = ME.KernelGenerator(kernel_size=kernel_size, stride=stride, dimension=2)
+        self.op = SparseOp("maxpool", kernel_size, stride, channels, channels)
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
-        out_key = ME.CoordinateMapKey(x.coordinate_map_key.get_coordinate_size())
-        feats = ME.MinkowskiLocalPoolingFunction.apply(
-            x.F,
-            ME.PoolingMode.LOCAL_MAX_POOLING,
-            self.kernel_generator,
-            x.coordinate_map_key,
-            out_key,
-            x._manager,
-        )
-        return ME.SparseTensor(feats, coordinate_map_key=out_key, coordinate_manager=x._manager)
+        return self.run_op(x, None, None)
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}"

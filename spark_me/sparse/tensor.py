@@ -12,6 +12,8 @@ import MinkowskiEngine as ME
 import torch
 from torch import Tensor
 
+from spark_me.sparse.geometry import BlockGeometry, attach_geometry, geometry_of_manager, layout_of
+
 
 def upsample_mask(active: Tensor, height: int, width: int) -> Tensor:
     """[B, h, w] bool -> [B, 1, H, W] bool, each mask cell repeated over the pixels it covers."""
@@ -41,11 +43,34 @@ def sparsify(
     """Dense [B, C, H, W] at `stride` -> SparseTensor holding only the sites inside active cells.
 
     `active` is [B, h, w] with H, W multiples of h, w. Features [N, C] keep the dtype of `dense`.
+    With square cells the rows are block-major (`spark_me.sparse.geometry`) and the batch's block
+    geometry is attached to the coordinate manager, which lets the fast dataflows run; otherwise
+    (non-square cells, or a manager that already serves another mask) rows are row-major and
+    layers use MinkowskiEngine's own functions.
     """
     batch, channels, height, width = dense.shape
     if active.shape[0] != batch:
         raise ValueError(f"mask batch {active.shape[0]} != feature batch {batch}")
     active = active.to(device=dense.device, dtype=torch.bool)
+    grid_h, grid_w = active.shape[1:]
+    upsample_mask(active[:1], height, width)  # validates the cell sizes
+    cell_h, cell_w = height // grid_h, width // grid_w
+    if coordinate_manager is None:
+        coordinate_manager = ME.CoordinateManager(
+            D=2,
+            coordinate_map_type=ME.CoordinateMapType.CUDA if dense.is_cuda else ME.CoordinateMapType.CPU,
+        )
+    geometry = geometry_of_manager(coordinate_manager)
+    if cell_h == cell_w and (geometry is None or geometry.matches(active, cell_h * stride)):
+        if geometry is None:
+            geometry = BlockGeometry(coordinate_manager, active, cell_h * stride)
+            attach_geometry(coordinate_manager, geometry)
+        blocks = dense.reshape(batch, channels, grid_h, cell_h, grid_w, cell_w).permute(0, 2, 4, 3, 5, 1)
+        feats = blocks[active].reshape(-1, channels)  # [n_cells * b * b, C], block-major
+        layout = geometry.layout(stride)
+        return ME.SparseTensor(
+            feats, coordinate_map_key=layout.key, coordinate_manager=coordinate_manager
+        )
     coords = active_coordinates(active, height, width, stride)
     feats = dense.permute(0, 2, 3, 1)[upsample_mask(active, height, width)[:, 0]]  # [N, C]
     return ME.SparseTensor(
@@ -56,24 +81,37 @@ def sparsify(
     )
 
 
-def densify(x: ME.SparseTensor, shape: tuple[int, int, int, int] | torch.Size) -> Tensor:
-    """SparseTensor -> dense [B, C, H, W] with zeros at inactive sites.
+def densify(
+    x: ME.SparseTensor, shape: tuple[int, int, int, int] | torch.Size, fill: Tensor | None = None
+) -> Tensor:
+    """SparseTensor -> dense [B, C, H, W] (channels-last memory) with `fill` [C] (default 0) at
+    inactive sites.
 
     The shape is always explicit: inferring it from the coordinates shrinks the map when the last
-    row/column of cells is masked in every image. Differentiable with respect to `x.F`.
+    row/column of cells is masked in every image. Differentiable with respect to `x.F` and `fill`.
+    Channels-last because that is the layout the sites already have ([N, C] rows): writing them
+    needs no transpose, and dense convs run at least as fast on it.
     """
     batch, channels, height, width = shape
-    stride = x.tensor_stride[0]
-    coords = x.C.long()
-    b, y, xx = coords[:, 0], coords[:, 1] // stride, coords[:, 2] // stride
-    if coords.numel() and (y.max() >= height or xx.max() >= width or b.max() >= batch):
-        raise ValueError(f"sparse sites fall outside the dense shape {tuple(shape)}")
     feats = x.F
     if feats.shape[1] != channels:
         raise ValueError(f"sparse tensor has {feats.shape[1]} channels, shape asks for {channels}")
-    out = feats.new_zeros(batch, height, width, channels)
-    out = out.index_put((b, y, xx), feats)
-    return out.permute(0, 3, 1, 2).contiguous()
+    layout = layout_of(x)
+    if layout is not None and layout.dense_hw == (height, width) and layout.geometry.active.shape[0] == batch:
+        rows = layout.dense_index()
+    else:
+        stride = x.tensor_stride[0]
+        coords = x.C.long().to(feats.device)
+        b, y, xx = coords[:, 0], coords[:, 1] // stride, coords[:, 2] // stride
+        if coords.numel() and (y.max() >= height or xx.max() >= width or b.max() >= batch):
+            raise ValueError(f"sparse sites fall outside the dense shape {tuple(shape)}")
+        rows = (b * height + y) * width + xx
+    if fill is None:
+        canvas = feats.new_zeros(batch * height * width, channels)
+    else:
+        canvas = fill.to(feats.dtype).reshape(1, channels).expand(batch * height * width, channels)
+    canvas = canvas.index_copy(0, rows, feats)
+    return canvas.view(batch, height, width, channels).permute(0, 3, 1, 2)
 
 
 def occupancy(x: ME.SparseTensor, shape: tuple[int, int, int, int] | torch.Size) -> Tensor:

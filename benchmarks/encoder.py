@@ -1,0 +1,147 @@
+"""Encoder forward+backward: sparse vs masked-dense vs dense, interleaved in one process.
+
+    python -m benchmarks.encoder --archs resnet50 convnext_tiny --ratios 0.6 --amp none bf16
+
+The targets of the sparse engine are ratios of these times, so the variants run interleaved
+(sparse, masked-dense, dense, sparse, ...) in one process with the same weights, images and mask,
+and the median of each is reported: on a shared CPU, timings taken minutes apart move by 10-20 %.
+The first call of the sparse encoder tunes its dataflows (not timed: warm-up). Prints one line
+per configuration and the per-layer dataflow table; `--out` also writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("spark_me.bench.encoder")
+
+AMP = {"none": None, "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _time(fn, device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def compare(arch: str, ratio: float, batch: int, size: int, amp: str, repeats: int, device: str,
+            dataflow: str = "auto") -> dict:  # fmt: skip
+    """Median fwd+bwd seconds of the three encoders, interleaved, and the sparse dataflow table."""
+    import timm
+    import torch
+
+    import spark_me
+    from spark_me.models.reference import MaskedDenseEncoder
+
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    sparse = spark_me.create_encoder(arch, dataflow=dataflow).to(dev)
+    timm_model = timm.create_model(arch, num_classes=0).to(dev)
+    timm_model.load_state_dict(sparse.state_dict(), strict=False)
+    masked = MaskedDenseEncoder(timm_model)
+    channels_last = dev.type == "cuda"  # what a GPU user runs; on the CPU it made no difference
+    if channels_last:
+        timm_model.to(memory_format=torch.channels_last)
+    images = torch.randn(batch, 3, size, size, device=dev)
+    active = (
+        spark_me.random_mask(batch, size, size, ratio, device=dev)
+        if ratio > 0
+        else torch.ones(batch, size // 32, size // 32, dtype=torch.bool, device=dev)
+    )
+    indices = [1, 2, 3, 4] if arch.startswith("resnet") else [0, 1, 2, 3]
+    autocast = (
+        torch.autocast(dev.type, dtype=getattr(torch, AMP[amp])) if AMP[amp] else contextlib.nullcontext()
+    )
+
+    def run_sparse():
+        with autocast:
+            feats = sparse.forward_sparse(spark_me.sparsify(images, active))
+        sum(f.F.float().sum() for f in feats).backward()
+
+    def run_masked():
+        with autocast:
+            feats = masked(images.contiguous(memory_format=torch.channels_last) if channels_last else images, active)
+        sum(f.float().sum() for f in feats).backward()
+
+    def run_dense():
+        with autocast:
+            feats = timm_model.forward_intermediates(images, indices=indices, intermediates_only=True)
+        sum(f.float().sum() for f in feats).backward()
+
+    variants = {"sparse": run_sparse, "masked_dense": run_masked, "dense": run_dense}
+    for fn in variants.values():  # warm-up; the sparse one tunes its dataflows here
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            times[name].append(_time(fn, dev))
+    med = {name: statistics.median(t) for name, t in times.items()}
+    return {
+        "arch": arch,
+        "mask_ratio": ratio,
+        "batch": batch,
+        "size": size,
+        "amp": amp,
+        "device": str(dev),
+        "seconds": med,
+        "all_seconds": times,
+        "sparse_vs_masked_dense": med["masked_dense"] / med["sparse"],
+        "sparse_vs_dense": med["dense"] / med["sparse"],
+        "dataflows": [list(row) for row in sparse.dataflow_table()],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--archs", nargs="+", default=["resnet50", "convnext_tiny"])
+    p.add_argument("--ratios", nargs="+", type=float, default=[0.6])
+    p.add_argument("--amp", nargs="+", default=["none", "bf16"], choices=list(AMP))
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--dataflow", default="auto", help="auto, rules, block, dense, gemm or me")
+    p.add_argument("--device", default=None)
+    p.add_argument("--layers", action="store_true", help="print the per-layer dataflow table")
+    p.add_argument("--out", type=Path, default=None, help="write results JSON here")
+    args = p.parse_args(argv)
+    import torch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rows = []
+    for arch in args.archs:
+        for amp in args.amp:
+            for ratio in args.ratios:
+                row = compare(arch, ratio, args.batch_size, args.size, amp, args.repeats, device, args.dataflow)
+                rows.append(row)
+                s = row["seconds"]
+                log.info(
+                    "%-15s amp %-4s mask %.2f: sparse %.3f s  masked-dense %.3f s  dense %.3f s  "
+                    "sparse vs masked-dense x%.2f  vs dense x%.2f",
+                    arch, amp, ratio, s["sparse"], s["masked_dense"], s["dense"],
+                    row["sparse_vs_masked_dense"], row["sparse_vs_dense"],
+                )  # fmt: skip
+                if args.layers:
+                    for name, op, flow in row["dataflows"]:
+                        log.info("    %-32s %-28s %s", name, op, flow)
+                if args.out:
+                    args.out.parent.mkdir(parents=True, exist_ok=True)
+                    args.out.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Every dataflow == MinkowskiEngine's own function (``me``): forward, grad-input, grad-weight, fp64.
+
+Ops as the encoders use them, at the block sizes they meet (b = 32 / stride: 8 at stride 4 down to
+1 at stride 32), on odd non-square grids, mask ratios 0 / 0.6 / 0.9, a batch of one and an image
+with a single visible cell.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spark_me.sparse.dataflows import candidates
+from spark_me.sparse.layers import SparseConv2d, SparseDepthwiseConv2d, SparseMaxPool2d
+from spark_me.sparse.tensor import densify, sparsify
+from spark_me.sparse.tuner import DataflowTuner
+
+CELL = 32
+
+
+def make_mask(gen: torch.Generator, batch: int, grid: tuple[int, int], case: str) -> torch.Tensor:
+    h, w = grid
+    if case == "single":  # one visible cell per image, one of them in a corner
+        active = torch.zeros(batch, h, w, dtype=torch.bool)
+        active[0, h - 1, w - 1] = True
+        for i in range(1, batch):
+            active[i, int(torch.randint(h, (1,), generator=gen)), int(torch.randint(w, (1,), generator=gen))] = True
+        return active
+    ratio = float(case)
+    active = torch.rand(batch, h, w, generator=gen) >= ratio
+    active.view(batch, -1)[:, 0] |= ~active.view(batch, -1).any(1)  # >= 1 visible cell per image
+    return active
+
+
+def run(layer, dataflow: str, x: torch.Tensor, active: torch.Tensor, stride: int, probe_seed: int = 7):
+    """Dense view of the output and the gradients of input and parameters under `dataflow`."""
+    layer.tuner = DataflowTuner(dataflow)
+    layer.zero_grad()
+    xi = x.clone().requires_grad_(True)
+    out = layer(sparsify(xi, active, stride=stride))
+    out_stride = out.tensor_stride[0]
+    b, _, h, w = x.shape
+    shape = (b, out.F.shape[1], h * stride // out_stride, w * stride // out_stride)
+    y = densify(out, shape)
+    probe = torch.randn(y.shape, generator=torch.Generator().manual_seed(probe_seed), dtype=y.dtype)
+    (y * probe).sum().backward()
+    return y.detach(), xi.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}, layer.last_dataflow
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, tol: float, what: str) -> None:
+    scale = b.abs().max().clamp_min(1e-30)
+    err = float((a - b).abs().max() / scale)
+    assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.0e}"
+
+
+LAYERS = {
+    "conv3x3/1": lambda c: SparseConv2d(c, 5, 3, 1, bias=True),
+    "conv3x3/2": lambda c: SparseConv2d(c, 5, 3, 2),
+    "conv7x7/2": lambda c: SparseConv2d(c, 4, 7, 2),
+    "conv1x1/2": lambda c: SparseConv2d(c, 5, 1, 2),
+    "conv2x2/2": lambda c: SparseConv2d(c, 5, 2, 2, bias=True),
+    "conv4x4/4": lambda c: SparseConv2d(c, 5, 4, 4, bias=True),
+    "dw7x7": lambda c: SparseDepthwiseConv2d(c, 7),
+    "dw3x3": lambda c: SparseDepthwiseConv2d(c, 3),
+    "maxpool3x3/2": lambda c: SparseMaxPool2d(3, 2, channels=c),
+}
+
+
+# (layer, input stride) pairs whose output stride still divides the cell, as in the encoders
+CONFIGS = [
+    (name, stride)
+    for name, factory in LAYERS.items()
+    for stride in (1, 2, 4, 8, 16, 32)
+    if CELL % (stride * factory(1).op.stride) == 0
+]
+
+
+@pytest.mark.parametrize(("layer_name", "stride"), CONFIGS)
+@pytest.mark.parametrize("case", ["0", "0.6", "0.9", "single"])
+def test_dataflows_equal_me(layer_name: str, stride: int, case: str, gen: torch.Generator) -> None:
+    layer = LAYERS[layer_name](3).double()
+    grid, batch = (3, 5), (1 if case == "0.9" else 2)
+    b = CELL // stride
+    active = make_mask(gen, batch, grid, case)
+    x = torch.randn(batch, 3, grid[0] * b, grid[1] * b, generator=gen, dtype=torch.float64)
+    ref = run(layer, "me", x, active, stride)
+    assert ref[3] == "me"
+    for name in candidates(layer.op):
+        got = run(layer, name, x, active, stride)
+        assert got[3] == name
+        assert_close(got[0], ref[0], 1e-10, f"{name} forward")
+        assert_close(got[1], ref[1], 1e-10, f"{name} grad input")
+        for p in ref[2]:
+            assert_close(got[2][p], ref[2][p], 1e-10, f"{name} grad {p}")
