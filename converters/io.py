@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -58,13 +59,35 @@ def _read(path: Path) -> object:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _reason(err: BaseException) -> str:
-    """The useful part of a loader's error, on one line (torch's weights_only refusal is a page)."""
+def _reason(path: Path, err: BaseException) -> str:
+    """Why the file is not weights, in a short line (torch's weights_only refusal is a page)."""
+    kind = _image_format(path)
+    if kind:
+        return f"it is a {kind} image"
+    with open(path, "rb") as fh:
+        zip_start = fh.read(4) == b"PK\x03\x04"
+    if (zip_start and not zipfile.is_zipfile(path)) or isinstance(err, EOFError):
+        return f"it is truncated or damaged ({path.stat().st_size} bytes; an interrupted copy or save?)"
     text = str(err)
     if "WeightsUnpickler error:" in text:
-        text = "torch.load(weights_only=True) refused it: " + text.split("WeightsUnpickler error:", 1)[1]
+        detail = text.split("WeightsUnpickler error:", 1)[1].split(". ", 1)[0].strip()
+        text = (
+            f"torch.load(weights_only=True) refused it ({detail}): it holds Python objects besides "
+            "tensors, which could run code when loaded"
+        )
     line = " ".join(text.split())
-    return (line[:200] + " ...") if len(line) > 200 else line or type(err).__name__
+    return (line[:300] + " ...") if len(line) > 300 else line or type(err).__name__
+
+
+def _image_format(path: Path) -> str | None:
+    """'PNG', 'JPEG', ... when the file is a picture (a common mix-up with a weights file)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return img.format
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None
 
 
 def load_state(path: str | os.PathLike) -> dict:
@@ -82,7 +105,7 @@ def load_state(path: str | os.PathLike) -> dict:
     # Each loader fails in its own way on a foreign file (UnpicklingError, RuntimeError from the zip
     # reader, EOFError, SafetensorError, numpy errors ...): every one of them means "not weights".
     except Exception as err:
-        raise NotACheckpoint(f"{path} is not {expected}: {_reason(err)}") from err
+        raise NotACheckpoint(f"{path} is not {expected}: {_reason(path, err)}") from err
     if not isinstance(state, Mapping):
         raise NotACheckpoint(f"{path} holds a {type(state).__name__}, expected {expected} holding a dict")
     return dict(state) if not isinstance(state, dict) else state
