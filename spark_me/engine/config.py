@@ -214,9 +214,25 @@ def mask_ratio_problem(mask_ratio: float, input_size: int) -> str | None:
     return None
 
 
+def type_problems(cfg: PretrainConfig) -> list[str]:
+    """Numeric options that hold something else (a YAML file can put a string anywhere)."""
+    problems = []
+    for f in dataclasses.fields(cfg):
+        base, value = f.type.removesuffix(" | None"), getattr(cfg, f.name)
+        if base not in ("int", "float") or (value is None and f.type.endswith("None")):
+            continue
+        kinds = int if base == "int" else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            problems.append(f"--{f.name} {value!r}: must be {'an integer' if base == 'int' else 'a number'}")
+    return problems
+
+
 def validate(cfg: PretrainConfig) -> PretrainConfig:
     """Reject impossible values now, in one line naming each, instead of deep inside the run
     (after the data was indexed and the model built) or, worse, a silently odd run."""
+    wrong_type = type_problems(cfg)
+    if wrong_type:
+        raise ValueError("invalid option(s): " + "; ".join(wrong_type))
     problems = [
         f"--{name} {getattr(cfg, name)}: must be >= {least}"
         for name, least in AT_LEAST.items()

@@ -51,6 +51,19 @@ def test_bad_values_in_a_yaml_file_too(tmp_path: Path) -> None:
         resolve(["--config", str(cfg_file)])
 
 
+def test_wrong_types_in_a_yaml_file(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text("batch_size: eight\nmask_ratio: [0.5]\nlr: 1e-3\nepochs: 2.5\n")
+    with pytest.raises(ValueError) as exc:
+        resolve(["--config", str(cfg_file)])
+    message = str(exc.value)
+    assert (
+        "--batch_size 'eight': must be an integer" in message
+        and "--mask_ratio [0.5]: must be a number" in message
+    )
+    assert "--epochs 2.5: must be an integer" in message and "--lr" in message  # YAML reads 1e-3 as a string
+
+
 def test_edge_values_are_accepted() -> None:
     cfg = resolve(["--mask_ratio", "0", "--input_size", "32", "--batch_size", "1", "--val_every", "0"])
     assert (cfg.mask_ratio, cfg.input_size, cfg.batch_size, cfg.val_every) == (0.0, 32, 1, 0)
