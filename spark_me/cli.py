@@ -48,9 +48,11 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace, extra: list[str]) -> int:
     """SparK pretraining (flags: `spark-me pretrain --help`)."""
     from spark_me.engine.config import resolve
+
+    cfg = resolve(extra)  # bad values fail here, before the model code (and MinkowskiEngine) loads
     from spark_me.engine.pretrain import run
 
-    return run(resolve(extra))
+    return run(cfg)
 
 
 def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
@@ -62,6 +64,11 @@ def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_finetune_det(args: argparse.Namespace, extra: list[str]) -> int:
     """Detectron2 fine-tuning (flags: `spark-me finetune-det --help`)."""
+    weights = _finetune_weights(extra)
+    if weights:  # a file that is not weights fails here, in one line, before Detectron2 builds anything
+        from converters import load_state
+
+        load_state(weights)
     try:
         import detectron2  # noqa: F401
     except ImportError:
@@ -76,29 +83,42 @@ def cmd_finetune_det(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _finetune_weights(extra: list[str]) -> str | None:
+    """The `--weights` value among finetune-det's flags (its full parser needs Detectron2)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--weights")
+    return parser.parse_known_args(extra)[0].weights
+
+
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     """Picture of input / masked / reconstruction / merged from a pretraining checkpoint."""
+    from spark_me.engine import checkpoint
+    from spark_me.engine.config import PretrainConfig, mask_ratio_problem, size_problem
+
+    # the file and the sizes are checked before the model code (and MinkowskiEngine) loads
+    state = checkpoint.load(args.checkpoint)
+    config = state["config"]
+    size = args.input_size if args.input_size is not None else config["input_size"]
+    mask_ratio = args.mask_ratio if args.mask_ratio is not None else config["mask_ratio"]
+    problem = size_problem("input_size", size) or mask_ratio_problem(mask_ratio, size)
+    if problem:
+        raise ValueError(problem)
     import torch
 
     from spark_me.data.images import ImageFiles, load_rgb
     from spark_me.data.transforms import eval_transform
-    from spark_me.engine import checkpoint
-    from spark_me.engine.config import PretrainConfig
     from spark_me.engine.pretrain import build_model
     from spark_me.viz import save_reconstructions
 
-    state = checkpoint.load(args.checkpoint)
-    config = state["config"]
     cfg = PretrainConfig(
         arch=config["arch"],
         model_kwargs=config.get("model_kwargs") or {},
         decoder_width=config["decoder_width"],
-        mask_ratio=args.mask_ratio or config["mask_ratio"],
+        mask_ratio=mask_ratio,
     )
     model = build_model(cfg)
     model.load_state_dict(state["model"])
     model.eval()
-    size = args.input_size or config["input_size"]
     transform = eval_transform(size)
     if args.images:
         images = torch.stack([transform(load_rgb(p)) for p in args.images])

@@ -8,7 +8,7 @@ a file that only fails to decode later is replaced by the next good one, with a 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -39,12 +39,18 @@ SAMPLE_PHOTOS = (
 )
 
 
-def sample_photo_paths() -> list[Path]:
-    """The embedded default image set (16 photographs, 300-800 px, RGB and grayscale)."""
+# Held out of pretraining on the embedded set, for its validation loss: two colour and two grayscale
+# photographs whose scenes have no near twin among the others (motorcycle_right would have one).
+HELD_OUT_PHOTOS = ("chelsea.png", "coins.png", "gravel.png", "rocket.jpg")
+TRAIN_PHOTOS = tuple(name for name in SAMPLE_PHOTOS if name not in HELD_OUT_PHOTOS)
+
+
+def sample_photo_paths(names: Sequence[str] = SAMPLE_PHOTOS) -> list[Path]:
+    """Paths of embedded photographs (300-800 px, RGB and grayscale); all 16 by default."""
     import skimage
 
     folder = Path(skimage.__file__).parent / "data"
-    paths = [folder / name for name in SAMPLE_PHOTOS if (folder / name).is_file()]
+    paths = [folder / name for name in names if (folder / name).is_file()]
     if not paths:
         raise FileNotFoundError(f"scikit-image's sample photographs are missing from {folder}")
     return paths
@@ -77,13 +83,16 @@ def _readable(path: Path) -> bool:
 class ImageFiles(Dataset):
     """Every image under `root` (recursively: flat folders and ImageFolder class trees alike).
 
-    `root=None` uses the embedded photographs. Items are transformed images only (no labels).
+    `root=None` uses the embedded photographs less the held-out ones; a sequence of paths uses
+    exactly those files. Items are transformed images only (no labels).
     """
 
-    def __init__(self, root: str | Path | None = None, transform: Callable | None = None):
+    def __init__(self, root: str | Path | Sequence[Path] | None = None, transform: Callable | None = None):
         if root is None:
-            candidates = sample_photo_paths()
-            self.root = candidates[0].parent
+            root = sample_photo_paths(TRAIN_PHOTOS)
+        if not isinstance(root, str | Path):
+            candidates = [Path(p) for p in root]
+            self.root = candidates[0].parent if candidates else Path()
         else:
             self.root = Path(root)
             if not self.root.is_dir():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from converters.io import save_state
+from converters.io import NotACheckpoint, load_state, save_state
 from converters.timm_format import to_timm
 
 log = logging.getLogger(__name__)
@@ -62,13 +62,11 @@ def latest(output_dir: Path) -> Path | None:
 
 
 def load(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such checkpoint: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """A full pretraining state; any other file fails with a one-line `NotACheckpoint`."""
+    state = load_state(path)
     missing = [k for k in ("model", "optimizer", "epoch", "step", "config") if k not in state]
     if missing:
-        raise ValueError(
+        raise NotACheckpoint(
             f"{path} is not a full pretraining checkpoint (missing {', '.join(missing)}); "
             "to start from encoder weights use --init_weight"
         )

@@ -21,6 +21,7 @@ from spark_me.data.transforms import eval_transform, pretrain_transform
 from spark_me.engine import checkpoint, distributed
 from spark_me.engine.config import DROP_PATH, PretrainConfig
 from spark_me.engine.distributed import DistEnv
+from spark_me.engine.evaluate import Validation
 from spark_me.engine.optim import build_lr_scheduler, build_optimizer, set_weight_decay, weight_decay_at
 from spark_me.models.registry import create_encoder
 from spark_me.models.spark import SparK
@@ -66,6 +67,20 @@ def picture_batch(cfg: PretrainConfig, count: int = 4) -> torch.Tensor:
     """Fixed images for the reconstruction pictures (the same every epoch)."""
     dataset = ImageFiles(cfg.data_path, eval_transform(cfg.input_size))
     return torch.stack([dataset[i] for i in range(min(count, len(dataset)))])
+
+
+def log_epoch_losses(writer, stats: dict) -> None:
+    """Epoch train loss and (when measured) validation loss on one tensorboard chart (x: epoch)."""
+    losses = {"train": stats["train_loss"]}
+    if "val_loss" in stats:
+        losses["val"] = stats["val_loss"]
+        log.info(
+            "epoch %d  validation loss %.4f  (train %.4f)",
+            stats["epoch"],
+            stats["val_loss"],
+            stats["train_loss"],
+        )
+    writer.add_scalars("epoch/loss", losses, stats["epoch"])
 
 
 def autocast(cfg: PretrainConfig, env: DistEnv):
@@ -193,6 +208,7 @@ def _run(cfg: PretrainConfig, env: DistEnv, output: Path) -> int:
 
         writer = SummaryWriter(cfg.log_dir or str(output / "tb"))
     pictures = picture_batch(cfg).to(env.device) if env.is_main else None
+    validation = Validation.from_config(cfg) if env.is_main else None
 
     # -- epochs ---------------------------------------------------------------------------------
     started = time.monotonic()
@@ -217,6 +233,9 @@ def _run(cfg: PretrainConfig, env: DistEnv, output: Path) -> int:
             "weight_decay": optimizer.param_groups[0]["weight_decay"],
             "epoch_time": time.monotonic() - epoch_start,
         }
+        if validation and validation.due(epoch):
+            stats["val_loss"] = validation.loss(model, autocast(cfg, env))
+        log_epoch_losses(writer, stats)
         with open(output / "log.txt", "a") as fh:
             fh.write(json.dumps(stats) + "\n")
         state = {

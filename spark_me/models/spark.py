@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import MinkowskiEngine as ME
 import torch
@@ -10,11 +11,13 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from spark_me.masking import PATCH, random_mask
-from spark_me.models.decoder import LightDecoder, init_weights
+from spark_me.models.decoder import LightDecoder
 from spark_me.models.encoder import SparseEncoder, check_mask
 from spark_me.models.resnet import SparseResNet
 from spark_me.sparse.layers import SparseBatchNorm2d, SparseLayerNorm, with_features
 from spark_me.sparse.tensor import densify, sparsify, upsample_mask
+
+MASK_TOKEN_STD = 0.02  # mask tokens: trunc-normal with this std, truncated at +-this value
 
 
 def patchify(images: Tensor, patch: int = PATCH) -> Tensor:
@@ -56,7 +59,9 @@ class SparK(nn.Module):
         self.mask_ratio = mask_ratio
         widths = [decoder_width // 2**i for i in range(4)]  # stride 32, 16, 8, 4
         enc_channels = list(reversed(encoder.channels))  # stride 32 first
-        norm = SparseBatchNorm2d if isinstance(encoder, SparseResNet) else SparseLayerNorm
+        # The official sparse ConvNeXt LayerNorm uses eps 1e-6 (torch's default 1e-5 shifts the
+        # gradients by ~5e-3 relative); ResNets use a sparse BN with torch's defaults.
+        norm = SparseBatchNorm2d if isinstance(encoder, SparseResNet) else partial(SparseLayerNorm, eps=1e-6)
         # Densify, per scale from stride 32 to 4: sparse norm -> mask token at holes -> projection.
         self.densify_norms = nn.ModuleList(norm(c) for c in enc_channels)
         self.mask_tokens = nn.ParameterList(nn.Parameter(torch.zeros(1, c, 1, 1)) for c in enc_channels)
@@ -67,9 +72,11 @@ class SparK(nn.Module):
             for i, (c, d) in enumerate(zip(enc_channels, widths, strict=True))
         )
         self.decoder = LightDecoder(decoder_width, up_ratio=PATCH)
+        # As the official code: the projections keep torch's default Conv2d init (it never
+        # re-initialises them); mask tokens are trunc-normal .02 cut at +-.02 (torch's a/b are
+        # absolute values, so the defaults +-2 would cut nothing at this std).
         for token in self.mask_tokens:
-            nn.init.trunc_normal_(token, std=0.02)
-        self.densify_projs.apply(init_weights)
+            nn.init.trunc_normal_(token, std=MASK_TOKEN_STD, a=-MASK_TOKEN_STD, b=MASK_TOKEN_STD)
 
     # -- the stages -----------------------------------------------------------------------------
     def mask(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:

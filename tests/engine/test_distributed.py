@@ -89,5 +89,6 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
     assert "effective batch: 8 (4 per process x 1 accum x 2 processes)" in result.stderr
     rows = [json.loads(line) for line in (tmp_path / "log.txt").read_text().splitlines()]
     assert len(rows) == 1  # only rank 0 writes
-    assert rows[0]["step"] == 16 // 8
-    assert torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["step"] == 2
+    assert rows[0]["step"] == 12 // 8  # 12 training photographs, global batch 8, last partial batch dropped
+    assert torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["step"] == 1
+    assert 0.0 < rows[0]["val_loss"] < 3.0  # rank 0 evaluates the held-out photographs

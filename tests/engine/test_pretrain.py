@@ -65,7 +65,7 @@ def test_run_writes_checkpoint_export_pictures_logs(tmp_path: Path) -> None:
         assert img.size[0] > 4 * 64 and img.mode == "RGB"
     state = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)  # plain types only
     assert {"model", "optimizer", "epoch", "step", "config"} <= state.keys()
-    assert state["step"] == 2 * 4 and state["config"]["arch"] == "resnet18"  # 16 photos / batch 4
+    assert state["step"] == 2 * 3 and state["config"]["arch"] == "resnet18"  # 12 training photos / batch 4
     assert any(k.startswith("decoder.") for k in state["model"])  # the decoder is kept
     dense = timm.create_model("resnet18")
     missing = dense.load_state_dict(converters.load_state(tmp_path / "timm-last.pth"), strict=False)
@@ -73,10 +73,10 @@ def test_run_writes_checkpoint_export_pictures_logs(tmp_path: Path) -> None:
 
 
 def test_extending_a_finished_run(tmp_path: Path) -> None:
-    """A finished 1-epoch run asked for 3 epochs continues from its checkpoint at step 4."""
+    """A finished 1-epoch run asked for 3 epochs continues from its checkpoint at step 3."""
     assert run(tmp_path, "--epochs", "1", "--save_every", "100") == 0
     assert run(tmp_path, "--epochs", "3") == 0
-    assert [r["step"] for r in read_log(tmp_path)] == [4, 8, 12]
+    assert [r["step"] for r in read_log(tmp_path)] == [3, 6, 9]
 
 
 def test_resume_after_kill_mid_epoch(tmp_path: Path) -> None:
@@ -100,7 +100,7 @@ def test_resume_after_kill_mid_epoch(tmp_path: Path) -> None:
     assert torch.load(killed_dir / "checkpoint-last.pth", weights_only=True)["epoch"] == 0
     assert run(killed_dir, "--epochs", "3") == 0
     a, b = read_log(straight), read_log(killed_dir)
-    assert [r["epoch"] for r in b] == [1, 2, 3] and [r["step"] for r in b] == [4, 8, 12]
+    assert [r["epoch"] for r in b] == [1, 2, 3] and [r["step"] for r in b] == [3, 6, 9]
     assert [r["lr"] for r in a] == [r["lr"] for r in b]
     assert [r["weight_decay"] for r in a] == [r["weight_decay"] for r in b]
     for x, y in zip(a, b, strict=True):

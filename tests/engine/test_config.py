@@ -1,0 +1,106 @@
+"""Option values are checked when the configuration is read, before any data or model is touched."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spark_me import cli
+from spark_me.engine import pretrain
+from spark_me.engine.config import resolve
+
+BAD = [
+    (["--mask_ratio", "1.0"], "--mask_ratio 1.0"),
+    (["--mask_ratio", "-0.1"], "--mask_ratio -0.1"),
+    (["--mask_ratio", "0.95", "--input_size", "64"], "keeps no cell"),
+    (["--input_size", "70"], "--input_size 70: must be a positive multiple of 32"),
+    (["--input_size", "0"], "--input_size 0"),
+    (["--input_size", "-64"], "--input_size -64"),
+    (["--decoder_width", "100"], "--decoder_width 100"),
+    (["--batch_size", "0"], "--batch_size 0: must be >= 1"),
+    (["--batch_size", "-4"], "--batch_size -4"),
+    (["--accum_iter", "0"], "--accum_iter 0"),
+    (["--epochs", "0"], "--epochs 0"),
+    (["--val_every", "-1"], "--val_every -1"),
+    (["--blr", "0"], "--blr 0.0: must be > 0"),
+    (["--drop_path", "1.5"], "--drop_path 1.5"),
+]
+
+
+@pytest.mark.parametrize(("flags", "message"), BAD)
+def test_bad_values_are_rejected_naming_the_option(flags: list[str], message: str) -> None:
+    with pytest.raises(ValueError) as exc:
+        resolve(flags)
+    assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    with pytest.raises(ValueError) as exc:
+        resolve(["--batch_size", "0", "--input_size", "48", "--mask_ratio", "2"])
+    assert all(f"--{name}" in str(exc.value) for name in ("batch_size", "input_size", "mask_ratio"))
+
+
+def test_bad_values_in_a_yaml_file_too(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text("batch_size: 0\n")
+    with pytest.raises(ValueError, match="--batch_size 0"):
+        resolve(["--config", str(cfg_file)])
+
+
+def test_wrong_types_in_a_yaml_file(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text("batch_size: eight\nmask_ratio: [0.5]\nlr: 1e-3\nepochs: 2.5\n")
+    with pytest.raises(ValueError) as exc:
+        resolve(["--config", str(cfg_file)])
+    message = str(exc.value)
+    assert (
+        "--batch_size 'eight': must be an integer" in message
+        and "--mask_ratio [0.5]: must be a number" in message
+    )
+    assert "--epochs 2.5: must be an integer" in message and "--lr" in message  # YAML reads 1e-3 as a string
+
+
+def test_edge_values_are_accepted() -> None:
+    cfg = resolve(["--mask_ratio", "0", "--input_size", "32", "--batch_size", "1", "--val_every", "0"])
+    assert (cfg.mask_ratio, cfg.input_size, cfg.batch_size, cfg.val_every) == (0.0, 32, 1, 0)
+
+
+def test_pretrain_stops_before_data_or_model(tmp_path: Path, caplog, monkeypatch) -> None:
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("reached data loading or model building")
+
+    monkeypatch.setattr(pretrain, "build_loader", must_not_run)
+    monkeypatch.setattr(pretrain, "build_model", must_not_run)
+    with caplog.at_level(logging.ERROR):
+        code = cli.main(["pretrain", "--output_dir", str(tmp_path), "--mask_ratio", "1.2"])
+    assert code == 1
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is None
+    assert "--mask_ratio 1.2: mask ratio must be in [0, 1)" in errors[0].getMessage()
+    assert not tmp_path.joinpath("config.yaml").exists()
+
+
+def test_pretrain_command_line_prints_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "spark_me.cli",
+            "pretrain",
+            "--output_dir",
+            str(tmp_path),
+            "--batch_size",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "--batch_size 0: must be >= 1" in lines[0] and result.stdout == ""
