@@ -46,8 +46,11 @@ def measure(
     warmup: int,
     device: str,
     decoder_width: int = 768,
+    amp: str = "none",
 ) -> dict:
-    """One configuration, in this process."""
+    """One configuration, in this process. `amp`: "none", "bf16" or "fp16" autocast for the step."""
+    import contextlib
+
     import torch
     from timm.optim import Lamb
 
@@ -68,13 +71,21 @@ def measure(
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
+    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+    def autocast():
+        return torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+
     def full_step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        model(images, active).backward()
+        with autocast():
+            loss = model(images, active)
+        loss.backward()
         optimizer.step()
 
     def encoder_step() -> None:
-        feats = model.encode(images, active)
+        with autocast():
+            feats = model.encode(images, active)
         sum((f.F if hasattr(f, "F") else f).float().sum() for f in feats).backward()
 
     rss_before = _rss_kib("VmRSS")
@@ -113,7 +124,9 @@ def measure(
         "encoder_step_s": statistics.median(enc_times),
         "peak_mem_mib": peak / 2**20,
         "step_times": times,
+        "amp": amp,
         "loss": None,
+        "dataflows": model.encoder.dataflow_table() if hasattr(model.encoder, "dataflow_table") else None,
     }
 
 
@@ -177,6 +190,8 @@ def run_isolated(cfg: dict, args) -> dict:
         args.device,
         "--decoder_width",
         str(args.decoder_width),
+        "--amp",
+        args.amp,
     ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
@@ -222,6 +237,7 @@ def write(out: Path, env: dict, rows: list[dict], args) -> None:
         "size",
         "batch",
         "mask_ratio",
+        "amp",
         "step_s",
         "images_per_s",
         "encoder_step_s",
@@ -258,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--decoder_width", type=int, default=768)
     p.add_argument("--device", default=None)
+    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast dtype of the step")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/latest"))
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -277,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             args.warmup,
             args.device,
             args.decoder_width,
+            args.amp,
         )
         print(json.dumps(row))
         return 0
@@ -305,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
                 row["peak_mem_mib"],
             )
         write(args.out, env, rows, args)  # partial results survive an interruption
+    for row in rows:
+        if row.get("dataflows"):
+            log.info("dataflows of %s, mask %.2f (layer, op, dataflow):", row["arch"], row["mask_ratio"])
+            for name, op, flow in row["dataflows"]:
+                log.info("    %-34s %-30s %s", name, op, flow)
     for r in ratios_table(rows):
         log.info(
             "%-16s %4d px ratio %.2f: sparse vs masked-dense speed x%.2f memory x%.2f | vs dense speed x%.2f",

@@ -80,70 +80,204 @@ def compute_dtype(feats: Tensor, op: SparseOp) -> torch.dtype:
     return feats.dtype
 
 
-def _kernel_args(op: SparseOp, weight: Tensor | None, bias: Tensor | None, dtype: torch.dtype):
-    w = weight.to(dtype) if weight is not None else None
-    b = bias.to(dtype) if bias is not None else None
-    return w, b
-
-
-def _dense_kernel(op: SparseOp, x: Tensor, weight: Tensor | None, bias: Tensor | None, padding: int) -> Tensor:
-    """The dense op on NCHW `x` (often a channels-last view)."""
-    if op.kind == "maxpool":
-        return F.max_pool2d(x, op.kernel_size, op.stride, padding)
-    return F.conv2d(x, weight, bias, op.stride, padding, 1, op.groups)
-
-
 def _padded(feats: Tensor, fill: float) -> Tensor:
     """[N+1, C]: the features and the pad row that masked neighbours point at."""
     return torch.cat([feats, feats.new_full((1, feats.shape[1]), fill)])
 
 
-def gather_blocks(feats: Tensor, layout: BlockLayout, halo: int, fill: float = 0.0) -> Tensor:
-    """[N, C] block-major -> [n_cells, b+2h, b+2h, C]; a free view when halo == 0."""
-    n, b, c = layout.num_cells, layout.block, feats.shape[1]
-    if halo == 0:
-        return feats.view(n, b, b, c)
-    index = layout.halo_index(halo)
-    side = index.shape[1]
-    return _padded(feats, fill).index_select(0, index.view(-1)).view(n, side, side, c)
+def _scatter_rows(grad: Tensor, index: Tensor, rows: int) -> Tensor:
+    """Backward of `_padded(x).index_select(0, index)`: sum the gradients into [rows, C]."""
+    out = grad.new_zeros(rows + 1, grad.shape[-1])
+    return out.index_add_(0, index.reshape(-1), grad.reshape(-1, grad.shape[-1]))[:rows]
 
 
-def _as_rows(y: Tensor, channels: int) -> Tensor:
+def _as_rows(y: Tensor) -> Tensor:
     """NCHW (ideally channels-last) -> [N*H*W, C] in (n, y, x) order."""
-    return y.permute(0, 2, 3, 1).reshape(-1, channels)
+    return y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
+
+
+def _as_maps(rows: Tensor, n: int, side: int) -> Tensor:
+    """[n*side*side, C] -> NCHW view [n, C, side, side] (channels-last memory)."""
+    return rows.view(n, side, side, rows.shape[-1]).permute(0, 3, 1, 2)
+
+
+class _Flow:
+    """A dataflow as gather -> dense kernel, each with its backward.
+
+    `_Gathered` runs it saving only the input features and the weight: the gathered tensor (blocks
+    with halos, a densified map, k*k columns) is rebuilt in backward, which is cheap next to the
+    kernel and keeps the memory of every layer at O(N*C) like the features themselves.
+    """
+
+    def __init__(self, op: SparseOp, src: BlockLayout, dst: BlockLayout):
+        self.op, self.src, self.dst = op, src, dst
+
+    def gather(self, feats: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def gather_backward(self, grad: Tensor, rows: int) -> Tensor:
+        raise NotImplementedError
+
+    def kernel(self, g: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def kernel_backward(self, grad: Tensor, g: Tensor, weight: Tensor, needs: tuple[bool, bool, bool]):
+        raise NotImplementedError
+
+
+class _ConvKernel(_Flow):
+    """The dense kernel is `F.conv2d` over NCHW maps; its backward is aten's convolution_backward."""
+
+    padding = 0
+
+    def kernel(self, g: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.conv2d(g, weight, bias, self.op.stride, self.padding, 1, self.op.groups)
+
+    def kernel_maps_backward(self, grad: Tensor, g: Tensor, weight: Tensor, needs) -> tuple:
+        return torch.ops.aten.convolution_backward(
+            grad, g, weight, [weight.shape[0]] if needs[2] else None, [self.op.stride] * 2,
+            [self.padding] * 2, [1, 1], False, [0, 0], self.op.groups, list(needs),
+        )  # fmt: skip
+
+
+class _Block(_ConvKernel):
+    """Visible cells as a batch of (b+2h)^2 images; conv with padding 0."""
+
+    def gather(self, feats: Tensor) -> Tensor:
+        src, h = self.src, self.op.halo
+        if h == 0:
+            return _as_maps(feats, src.num_cells, src.block)
+        index = src.halo_index(h)
+        return _as_maps(_padded(feats, 0.0).index_select(0, index.view(-1)), src.num_cells, index.shape[1])
+
+    def gather_backward(self, grad: Tensor, rows: int) -> Tensor:
+        grad = grad.permute(0, 2, 3, 1)
+        if self.op.halo == 0:
+            return grad.reshape(rows, -1)
+        return _scatter_rows(grad, self.src.halo_index(self.op.halo), rows)
+
+    def kernel(self, g: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return _as_rows(super().kernel(g, weight, bias))
+
+    def kernel_backward(self, grad: Tensor, g: Tensor, weight: Tensor, needs):
+        return self.kernel_maps_backward(_as_maps(grad, self.dst.num_cells, self.dst.block), g, weight, needs)
+
+
+class _Dense(_ConvKernel):
+    """Sites scattered into the zero-filled map; conv with padding k//2; output sites gathered."""
+
+    @property
+    def padding(self) -> int:  # type: ignore[override]
+        return self.op.halo
+
+    def _map(self, layout: BlockLayout, rows: Tensor) -> Tensor:
+        batch = layout.geometry.active.shape[0]
+        height, width = layout.dense_hw
+        canvas = rows.new_zeros(batch * height * width, rows.shape[1])
+        canvas.index_copy_(0, layout.dense_index(), rows)
+        return canvas.view(batch, height, width, -1).permute(0, 3, 1, 2)
+
+    def gather(self, feats: Tensor) -> Tensor:
+        return self._map(self.src, feats)
+
+    def gather_backward(self, grad: Tensor, rows: int) -> Tensor:
+        return _as_rows(grad).index_select(0, self.src.dense_index())
+
+    def kernel(self, g: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return _as_rows(super().kernel(g, weight, bias)).index_select(0, self.dst.dense_index())
+
+    def kernel_backward(self, grad: Tensor, g: Tensor, weight: Tensor, needs):
+        return self.kernel_maps_backward(self._map(self.dst, grad), g, weight, needs)
+
+
+class _Gemm(_Flow):
+    """All k*k neighbours of every output site as one [N_out, k*k*C] matrix; one GEMM."""
+
+    def _windows(self) -> Tensor:
+        return self.src.window_index(self.op.halo, self.op.kernel_size, self.op.stride)
+
+    def gather(self, feats: Tensor) -> Tensor:
+        windows = self._windows()
+        return _padded(feats, 0.0).index_select(0, windows.view(-1)).view(len(windows), -1)
+
+    def gather_backward(self, grad: Tensor, rows: int) -> Tensor:
+        return _scatter_rows(grad.view(-1, self.op.in_channels), self._windows(), rows)
+
+    @staticmethod
+    def _matrix(weight: Tensor) -> Tensor:
+        """[out, in, k, k] -> [k*k*in, out] in the columns' (ky, kx, c) order."""
+        return weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[0])
+
+    def kernel(self, g: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        y = g @ self._matrix(weight)
+        return y + bias if bias is not None else y
+
+    def kernel_backward(self, grad: Tensor, g: Tensor, weight: Tensor, needs):
+        grad_g = grad @ self._matrix(weight).t() if needs[0] else None
+        grad_w = None
+        if needs[1]:
+            k = self.op.kernel_size
+            grad_w = (g.t() @ grad).view(k, k, self.op.in_channels, -1).permute(3, 2, 0, 1)
+        return grad_g, grad_w, grad.sum(0) if needs[2] else None
+
+
+class _Gathered(torch.autograd.Function):
+    """y = kernel(gather(feats)) saving only feats and weight; the gather is redone in backward."""
+
+    @staticmethod
+    def forward(ctx, feats: Tensor, weight: Tensor, bias: Tensor | None, flow: _Flow) -> Tensor:
+        ctx.save_for_backward(feats, weight)
+        ctx.flow, ctx.has_bias = flow, bias is not None
+        return flow.kernel(flow.gather(feats), weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        feats, weight = ctx.saved_tensors
+        flow = ctx.flow
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
+        grad_g, grad_w, grad_b = flow.kernel_backward(grad.contiguous(), flow.gather(feats), weight, needs)
+        grad_feats = flow.gather_backward(grad_g, len(feats)) if needs[0] else None
+        return grad_feats, grad_w, grad_b, None
+
+
+def _run_flow(flow: type[_Flow], op: SparseOp, x: ME.SparseTensor, src, dst, weight, bias) -> Tensor:
+    if op.kind == "maxpool":  # no weights; max_pool2d keeps only its argmax indices for backward
+        return _maxpool(flow(op, src, dst), x.F)
+    dtype = compute_dtype(x.F, op)
+    return _Gathered.apply(
+        x.F.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None, flow(op, src, dst)
+    )
+
+
+def _maxpool(flow: _Flow, feats: Tensor) -> Tensor:
+    """Max over visible sites only: masked neighbours hold -inf (the block halo / the densified map)."""
+    op = flow.op
+    if isinstance(flow, _Block):
+        index = flow.src.halo_index(op.halo)
+        g = _as_maps(_padded(feats, float("-inf")).index_select(0, index.view(-1)), flow.src.num_cells, index.shape[1])
+        return _as_rows(F.max_pool2d(g, op.kernel_size, op.stride, 0))
+    layout = flow.src
+    batch = layout.geometry.active.shape[0]
+    height, width = layout.dense_hw
+    canvas = feats.new_full((batch * height * width, feats.shape[1]), float("-inf"))
+    canvas = canvas.index_copy(0, layout.dense_index(), feats).view(batch, height, width, -1).permute(0, 3, 1, 2)
+    y = F.max_pool2d(canvas, op.kernel_size, op.stride, op.halo)
+    return _as_rows(y).index_select(0, flow.dst.dense_index())
 
 
 def block(op: SparseOp, x: ME.SparseTensor, src: BlockLayout, dst: BlockLayout, weight, bias) -> Tensor:
-    dtype = compute_dtype(x.F, op)
-    w, b = _kernel_args(op, weight, bias, dtype)
-    blocks = gather_blocks(x.F.to(dtype), src, op.halo, op.fill)
-    y = _dense_kernel(op, blocks.permute(0, 3, 1, 2), w, b, 0)
-    return _as_rows(y, op.out_channels)
+    return _run_flow(_Block, op, x, src, dst, weight, bias)
 
 
 def dense(op: SparseOp, x: ME.SparseTensor, src: BlockLayout, dst: BlockLayout, weight, bias) -> Tensor:
-    dtype = compute_dtype(x.F, op)
-    w, b = _kernel_args(op, weight, bias, dtype)
-    feats = x.F.to(dtype)
-    batch = src.geometry.active.shape[0]
-    height, width = src.dense_hw
-    canvas = feats.new_full((batch * height * width, feats.shape[1]), op.fill)
-    canvas = canvas.index_copy(0, src.dense_index(), feats)
-    canvas = canvas.view(batch, height, width, -1).permute(0, 3, 1, 2)
-    y = _dense_kernel(op, canvas, w, b, op.halo)
-    return _as_rows(y, op.out_channels).index_select(0, dst.dense_index())
+    return _run_flow(_Dense, op, x, src, dst, weight, bias)
 
 
 def gemm(op: SparseOp, x: ME.SparseTensor, src: BlockLayout, dst: BlockLayout, weight, bias) -> Tensor:
     if op.kind != "conv":
         raise ValueError(f"no gemm dataflow for {op.kind}")
-    dtype = compute_dtype(x.F, op)
-    w, b = _kernel_args(op, weight, bias, dtype)
-    k, cin = op.kernel_size, op.in_channels
-    windows = src.window_index(op.halo, k, op.stride)  # [N_out, k*k], (ky, kx) order
-    cols = _padded(x.F.to(dtype), 0.0).index_select(0, windows.view(-1)).view(len(windows), k * k * cin)
-    y = cols @ w.permute(2, 3, 1, 0).reshape(k * k * cin, op.out_channels)
-    return y + b if b is not None else y
+    return _run_flow(_Gemm, op, x, src, dst, weight, bias)
 
 
 class _DepthwiseMapFunction(torch.autograd.Function):

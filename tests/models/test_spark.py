@@ -108,9 +108,12 @@ def test_random_mask_when_none_given(gen) -> None:
     assert out.pred.shape == images.shape
 
 
-def test_autocast_keeps_the_sparse_encoder_in_float32(gen, device: str) -> None:
-    """The AMP path: ME in float32, the dense parts in bf16; the loss stays close to float32's."""
+@pytest.mark.parametrize("dataflow", ["rules", "me"])
+def test_autocast_runs_the_encoder_in_bf16_except_on_me(gen, device: str, dataflow: str) -> None:
+    """The AMP path: the encoder's kernels in bf16 (ME's own function, which has float32 kernels
+    only, in float32), the dense parts in bf16; the loss stays close to float32's."""
     model = small_spark("resnet18").to(device)
+    model.encoder.set_dataflow(dataflow)
     images = torch.randn(2, 3, 64, 64, generator=gen).to(device)
     active = spark_me.random_mask(2, 64, 64, 0.5, generator=gen).to(device)
     with torch.no_grad():
@@ -118,10 +121,12 @@ def test_autocast_keeps_the_sparse_encoder_in_float32(gen, device: str) -> None:
     with torch.autocast(device, dtype=torch.bfloat16):
         feats = model.encode(images, active)
         loss = model(images, active)
-    assert all(f.F.dtype == torch.float32 for f in feats)
+    expected = torch.float32 if dataflow == "me" else torch.bfloat16
+    assert all(f.F.dtype == expected for f in feats)
     assert torch.isfinite(loss) and abs(loss.item() - reference.item()) <= 0.05 * reference.item()
     loss.backward()
     assert model.encoder.conv1.weight.grad is not None
+    assert model.encoder.conv1.weight.grad.dtype == torch.float32
 
 
 def test_bad_input_is_refused(gen) -> None:

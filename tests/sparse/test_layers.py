@@ -19,6 +19,7 @@ from spark_me.sparse.layers import (
     add,
 )
 from spark_me.sparse.tensor import densify, sparsify, upsample_mask
+from spark_me.sparse.tuner import DataflowTuner
 
 B, C, H, W = 3, 6, 16, 24
 
@@ -57,19 +58,22 @@ def compare(layer: nn.Module, dense_fn, x: torch.Tensor, active: torch.Tensor, s
         assert (gps[name] - gpd[name]).abs().max() <= tol * gpd[name].abs().max().clamp_min(1), name
 
 
+@pytest.mark.parametrize("dataflow", ["block", "dense", "gemm", "me"])
 @pytest.mark.parametrize(("k", "stride"), [(1, 1), (1, 2), (2, 2), (3, 1), (3, 2), (4, 4), (7, 2)])
-def test_conv(case, k: int, stride: int) -> None:
+def test_conv(case, k: int, stride: int, dataflow: str) -> None:
     x, active = case
     conv = SparseConv2d(C, 5, k, stride, bias=True).double()
+    conv.tuner = DataflowTuner(dataflow if dataflow != "gemm" or k % 2 else "block")
     pad = k // 2 if k % 2 else 0
     compare(conv, lambda t: F.conv2d(t, conv.weight, conv.bias, stride, pad), x, active, stride)
 
 
-@pytest.mark.parametrize("impl", ["function", "loop"])
+@pytest.mark.parametrize("dataflow", ["block", "dense", "me"])
 @pytest.mark.parametrize("k", [3, 7])
-def test_depthwise_conv(case, k: int, impl: str) -> None:
+def test_depthwise_conv(case, k: int, dataflow: str) -> None:
     x, active = case
-    conv = SparseDepthwiseConv2d(C, k, impl=impl).double()
+    conv = SparseDepthwiseConv2d(C, k).double()
+    conv.tuner = DataflowTuner(dataflow)
     compare(conv, lambda t: F.conv2d(t, conv.weight, conv.bias, padding=k // 2, groups=C), x, active)
 
 
