@@ -359,11 +359,9 @@ DATAFLOWS: dict[str, Dataflow] = {"block": block, "dense": dense, "gemm": gemm, 
 
 
 def candidates(op: SparseOp) -> list[str]:
-    """The dataflows the tuner measures for `op` (``me``, the slow reference, only when forced)."""
-    names = ["block", "dense"]
-    if op.kind == "conv" and op.halo > 0:
-        names.append("gemm")
-    return names
+    """The plain-torch dataflows that can compute `op` (what the tuner measures; ``me``, the slow
+    reference, runs only when forced)."""
+    return ["block", "dense", "gemm"] if op.kind == "conv" else ["block", "dense"]
 
 
 def run(name: str, op: SparseOp, x: ME.SparseTensor, weight: Tensor | None, bias: Tensor | None):

@@ -85,6 +85,7 @@ class SparseConv2d(_TunedOp):
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
         if self.kernel_size == 1 and self.stride == 1:  # a GEMM on the features, whatever the layout
+            self.last_dataflow = "pointwise"
             feats = F.linear(x.F, self.weight.view(self.out_channels, self.in_channels), self.bias)
             return with_features(x, feats)
         return self.run_op(x, self.weight, self.bias)

@@ -75,8 +75,8 @@ class DataflowTuner:
         layout = layout_of(x)
         if layout is None:
             return "me"
-        if self.mode not in ("auto", "rules"):
-            return self.mode
+        if self.mode not in ("auto", "rules"):  # forced, where it applies (gemm: convs only)
+            return self.mode if self.mode == "me" or self.mode in dataflows.candidates(op) else rule(op, layout)
         key = self.key(op, layout, dataflows.compute_dtype(x.F, op), x.device)
         if key not in self.choices:
             names = dataflows.candidates(op)
