@@ -49,6 +49,7 @@ class PretrainConfig:
     betas: tuple[float, float] | None = None  # None: (0.9, 0.95) for ResNets, (0.9, 0.999) for ConvNeXts
     amp: bool = False
     amp_dtype: str = "bf16"  # bf16 | fp16 (fp16 uses a GradScaler)
+    dataflow: str = "auto"  # sparse ops: auto (measured per layer) | rules | block | dense | gemm | me
     # bookkeeping
     output_dir: str = "output"
     log_dir: str | None = None  # tensorboard; default: output_dir/tb
@@ -141,9 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--amp",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="mixed precision for the dense parts",
+        help="mixed precision: the sparse encoder's kernels, densify projections and decoder in "
+        "--amp_dtype (the 'me' dataflow stays float32)",
     )
     add("--amp_dtype", choices=("bf16", "fp16"))
+    add(
+        "--dataflow",
+        choices=("auto", "rules", "block", "dense", "gemm", "me"),
+        help="how sparse convs are computed: auto measures each layer's fastest dataflow at its first "
+        "use (cached in output_dir/dataflows.json); 'me' is MinkowskiEngine's own (float32) function",
+    )
     add("--output_dir")
     add("--log_dir")
     add("--save_every", type=int)

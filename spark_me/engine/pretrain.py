@@ -34,9 +34,11 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def build_model(cfg: PretrainConfig) -> SparK:
+def build_model(cfg: PretrainConfig, dataflow_cache: Path | None = None) -> SparK:
+    """The SparK model; its encoder's dataflow choices persist in `dataflow_cache` (JSON), if given."""
     drop_path = cfg.drop_path if cfg.drop_path is not None else DROP_PATH.get(cfg.arch, 0.0)
     encoder = create_encoder(cfg.arch, drop_path_rate=drop_path, **cfg.model_kwargs)
+    encoder.set_dataflow(cfg.dataflow, dataflow_cache)
     return SparK(encoder, decoder_width=cfg.decoder_width, mask_ratio=cfg.mask_ratio)
 
 
@@ -156,7 +158,7 @@ def _run(cfg: PretrainConfig, env: DistEnv, output: Path) -> int:
     if cfg.data_path is None:
         log.info("no --data_path: pretraining on the embedded photographs (preset %r)", cfg.preset)
     loader, sampler = build_loader(cfg, env)
-    model = build_model(cfg).to(env.device)
+    model = build_model(cfg, output / "dataflows.json" if env.is_main else None).to(env.device)
     if cfg.init_weight:
         weights = converters.from_timm(converters.load_state(cfg.init_weight), cfg.arch, **cfg.model_kwargs)
         model.encoder.load_state_dict(weights, strict=True)
