@@ -37,6 +37,26 @@ def _time(fn, device) -> float:
     return time.perf_counter() - start
 
 
+def saved_mib(loss_fn, params) -> float:
+    """MiB of activations autograd keeps for the backward of `loss_fn()` (each storage once,
+    parameters excluded): the memory an encoder's training step holds at its peak, measured the
+    same way on CPU and GPU without allocator noise."""
+    import torch
+
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_fn()
+    return sum(seen.values()) / 2**20
+
+
 def compare(arch: str, ratio: float, batch: int, size: int, amp: str, repeats: int, device: str,
             dataflow: str = "auto") -> dict:  # fmt: skip
     """Median fwd+bwd seconds of the three encoders, interleaved, and the sparse dataflow table."""
@@ -66,28 +86,30 @@ def compare(arch: str, ratio: float, batch: int, size: int, amp: str, repeats: i
         torch.autocast(dev.type, dtype=getattr(torch, AMP[amp])) if AMP[amp] else contextlib.nullcontext()
     )
 
-    def run_sparse():
+    def loss_sparse():
         with autocast:
             feats = sparse.forward_sparse(spark_me.sparsify(images, active))
-        sum(f.F.float().sum() for f in feats).backward()
+        return sum(f.F.float().sum() for f in feats)
 
-    def run_masked():
+    def loss_masked():
         with autocast:
             feats = masked(images.contiguous(memory_format=torch.channels_last) if channels_last else images, active)
-        sum(f.float().sum() for f in feats).backward()
+        return sum(f.float().sum() for f in feats)
 
-    def run_dense():
+    def loss_dense():
         with autocast:
             feats = timm_model.forward_intermediates(images, indices=indices, intermediates_only=True)
-        sum(f.float().sum() for f in feats).backward()
+        return sum(f.float().sum() for f in feats)
 
-    variants = {"sparse": run_sparse, "masked_dense": run_masked, "dense": run_dense}
+    variants = {"sparse": loss_sparse, "masked_dense": loss_masked, "dense": loss_dense}
     for fn in variants.values():  # warm-up; the sparse one tunes its dataflows here
-        fn()
+        fn().backward()
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
-            times[name].append(_time(fn, dev))
+            times[name].append(_time(lambda: fn().backward(), dev))
+    params = list(sparse.parameters()) + list(timm_model.parameters())
+    saved = {name: saved_mib(fn, params) for name, fn in variants.items()}
     med = {name: statistics.median(t) for name, t in times.items()}
     return {
         "arch": arch,
@@ -98,7 +120,9 @@ def compare(arch: str, ratio: float, batch: int, size: int, amp: str, repeats: i
         "device": str(dev),
         "seconds": med,
         "all_seconds": times,
+        "saved_for_backward_mib": saved,
         "sparse_vs_masked_dense": med["masked_dense"] / med["sparse"],
+        "memory_vs_masked_dense": saved["sparse"] / saved["masked_dense"],
         "sparse_vs_dense": med["dense"] / med["sparse"],
         "dataflows": [list(row) for row in sparse.dataflow_table()],
     }
@@ -130,9 +154,10 @@ def main(argv: list[str] | None = None) -> int:
                 s = row["seconds"]
                 log.info(
                     "%-15s amp %-4s mask %.2f: sparse %.3f s  masked-dense %.3f s  dense %.3f s  "
-                    "sparse vs masked-dense x%.2f  vs dense x%.2f",
+                    "sparse vs masked-dense x%.2f  vs dense x%.2f  saved activations x%.2f (%.0f / %.0f MiB)",
                     arch, amp, ratio, s["sparse"], s["masked_dense"], s["dense"],
-                    row["sparse_vs_masked_dense"], row["sparse_vs_dense"],
+                    row["sparse_vs_masked_dense"], row["sparse_vs_dense"], row["memory_vs_masked_dense"],
+                    row["saved_for_backward_mib"]["sparse"], row["saved_for_backward_mib"]["masked_dense"],
                 )  # fmt: skip
                 if args.layers:
                     for name, op, flow in row["dataflows"]:
