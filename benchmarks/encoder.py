@@ -93,7 +93,9 @@ def compare(arch: str, ratio: float, batch: int, size: int, amp: str, repeats: i
 
     def loss_masked():
         with autocast:
-            feats = masked(images.contiguous(memory_format=torch.channels_last) if channels_last else images, active)
+            feats = masked(
+                images.contiguous(memory_format=torch.channels_last) if channels_last else images, active
+            )
         return sum(f.float().sum() for f in feats)
 
     def loss_dense():
@@ -107,7 +109,7 @@ def compare(arch: str, ratio: float, batch: int, size: int, amp: str, repeats: i
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
-            times[name].append(_time(lambda: fn().backward(), dev))
+            times[name].append(_time(lambda f=fn: f().backward(), dev))
     params = list(sparse.parameters()) + list(timm_model.parameters())
     saved = {name: saved_mib(fn, params) for name, fn in variants.items()}
     med = {name: statistics.median(t) for name, t in times.items()}
@@ -149,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     for arch in args.archs:
         for amp in args.amp:
             for ratio in args.ratios:
-                row = compare(arch, ratio, args.batch_size, args.size, amp, args.repeats, device, args.dataflow)
+                row = compare(
+                    arch, ratio, args.batch_size, args.size, amp, args.repeats, device, args.dataflow
+                )
                 rows.append(row)
                 s = row["seconds"]
                 log.info(
@@ -165,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
                 if args.out:
                     args.out.parent.mkdir(parents=True, exist_ok=True)
                     args.out.write_text(json.dumps(rows, indent=1))
+    if args.out:
+        from benchmarks.plots import plot_encoder_speedup
+
+        plot_encoder_speedup(rows, args.out.with_suffix(".png"))
     return 0
 
 

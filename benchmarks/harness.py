@@ -274,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--decoder_width", type=int, default=768)
     p.add_argument("--device", default=None)
-    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast dtype of the step")
+    p.add_argument(
+        "--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast dtype of the step"
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/latest"))
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

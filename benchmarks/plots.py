@@ -45,3 +45,31 @@ def plot(rows: list[dict], out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
+
+
+def plot_encoder_speedup(rows: list[dict], out: Path) -> None:
+    """Encoder fwd+bwd speed-up of sparse over masked-dense vs mask ratio, one panel per arch, with
+    the physical limit 1 / (1 - ratio) (work proportional to the visible sites)."""
+    archs = sorted({r["arch"] for r in rows})
+    if not archs:
+        return
+    fig, axes = plt.subplots(1, len(archs), figsize=(3.6 * len(archs), 3.4), squeeze=False)
+    for ax, arch in zip(axes[0], archs, strict=True):
+        mine = [r for r in rows if r["arch"] == arch]
+        ratios = sorted({r["mask_ratio"] for r in mine})
+        grid = [x / 100 for x in range(0, 1 + int(max(ratios) * 100))]
+        ax.plot(grid, [1 / (1 - x) for x in grid], color="black", linestyle=":", label="limit 1/(1-ratio)")
+        ax.axhline(1.0, color="tab:blue", linewidth=0.8)
+        for amp, color in (("none", "tab:red"), ("bf16", "tab:orange"), ("fp16", "tab:green")):
+            pts = sorted((r["mask_ratio"], r["sparse_vs_masked_dense"]) for r in mine if r["amp"] == amp)
+            if pts:
+                label = "sparse / masked-dense" + ("" if amp == "none" else f" ({amp})")
+                ax.plot(*zip(*pts, strict=True), color=color, marker="o", label=label)
+        ax.set_title(f"{arch} encoder, batch {mine[0]['batch']}")
+        ax.set_xlabel("mask ratio")
+        ax.set_ylabel("speed-up (fwd+bwd)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)

@@ -106,7 +106,8 @@ class SparK(nn.Module):
             dense = densify(x, shape, fill=self.mask_tokens[i])  # holes = mask token
             # The decoder's memory format: NCHW on the CPU, where its convs ran 20 % slower
             # channels-last (benchmarks/README.md); channels-last on GPUs, as cuDNN prefers.
-            dense = dense.contiguous(memory_format=torch.channels_last if dense.is_cuda else torch.contiguous_format)
+            fmt = torch.channels_last if dense.is_cuda else torch.contiguous_format
+            dense = dense.contiguous(memory_format=fmt)
             out.append(self.densify_projs[i](dense))
         return out
 

@@ -25,59 +25,17 @@ under autocast, on any device.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import cached_property
 
 import MinkowskiEngine as ME
 import torch
 import torch.nn.functional as F
-from MinkowskiEngineBackend._C import ConvolutionMode
 from torch import Tensor
 
 from spark_me.sparse.geometry import BlockLayout, geometry_of
-from spark_me.sparse.layout import conv_weight_to_me_depthwise, conv_weight_to_me_kernel
+from spark_me.sparse.me_dataflow import me
+from spark_me.sparse.ops import SparseOp, compute_dtype
 
-
-class SparseOp:
-    """What a layer computes: a `kind` ("conv", "depthwise", "maxpool") with kernel, stride, widths."""
-
-    def __init__(self, kind: str, kernel_size: int, stride: int, in_channels: int, out_channels: int):
-        if kind not in ("conv", "depthwise", "maxpool"):
-            raise ValueError(f"unknown sparse op {kind!r}")
-        self.kind, self.kernel_size, self.stride = kind, kernel_size, stride
-        self.in_channels, self.out_channels = in_channels, out_channels
-
-    @property
-    def signature(self) -> tuple:
-        return (self.kind, self.kernel_size, self.stride, self.in_channels, self.out_channels)
-
-    @property
-    def halo(self) -> int:
-        """Sites each block grows by: odd kernels are centred (padding k//2), even ones span 0..k-1."""
-        return self.kernel_size // 2 if self.kernel_size % 2 else 0
-
-    @property
-    def groups(self) -> int:
-        return self.in_channels if self.kind == "depthwise" else 1
-
-    @property
-    def fill(self) -> float:
-        """What masked sites hold for this op: 0 for convs, -inf for max-pool (max over visible sites)."""
-        return float("-inf") if self.kind == "maxpool" else 0.0
-
-    @cached_property
-    def kernel_generator(self) -> ME.KernelGenerator:
-        return ME.KernelGenerator(kernel_size=self.kernel_size, stride=self.stride, dimension=2)
-
-    def __repr__(self) -> str:
-        return f"{self.kind}{self.kernel_size}x{self.kernel_size}/{self.stride} {self.in_channels}->{self.out_channels}"
-
-
-def compute_dtype(feats: Tensor, op: SparseOp) -> torch.dtype:
-    """The dtype a dense kernel would run in here: autocast's for convs, else the features' own."""
-    device = feats.device.type
-    if op.kind != "maxpool" and feats.is_floating_point() and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return feats.dtype
+__all__ = ["DATAFLOWS", "SparseOp", "candidates", "compute_dtype", "run"]
 
 
 def _padded(feats: Tensor, fill: float) -> Tensor:
@@ -255,13 +213,17 @@ def _maxpool(flow: _Flow, feats: Tensor) -> Tensor:
     op = flow.op
     if isinstance(flow, _Block):
         index = flow.src.halo_index(op.halo)
-        g = _as_maps(_padded(feats, float("-inf")).index_select(0, index.view(-1)), flow.src.num_cells, index.shape[1])
+        g = _as_maps(
+            _padded(feats, float("-inf")).index_select(0, index.view(-1)), flow.src.num_cells, index.shape[1]
+        )
         return _as_rows(F.max_pool2d(g, op.kernel_size, op.stride, 0))
     layout = flow.src
     batch = layout.geometry.active.shape[0]
     height, width = layout.dense_hw
     canvas = feats.new_full((batch * height * width, feats.shape[1]), float("-inf"))
-    canvas = canvas.index_copy(0, layout.dense_index(), feats).view(batch, height, width, -1).permute(0, 3, 1, 2)
+    canvas = (
+        canvas.index_copy(0, layout.dense_index(), feats).view(batch, height, width, -1).permute(0, 3, 1, 2)
+    )
     y = F.max_pool2d(canvas, op.kernel_size, op.stride, op.halo)
     return _as_rows(y).index_select(0, flow.dst.dense_index())
 
@@ -278,80 +240,6 @@ def gemm(op: SparseOp, x: ME.SparseTensor, src: BlockLayout, dst: BlockLayout, w
     if op.kind != "conv":
         raise ValueError(f"no gemm dataflow for {op.kind}")
     return _run_flow(_Gemm, op, x, src, dst, weight, bias)
-
-
-class _DepthwiseMapFunction(torch.autograd.Function):
-    """Depthwise conv through ME's kernel map: sum over offsets of gathered inputs x weight.
-
-    Saves only the input features and the kernel and recomputes the gathers in backward (autograd
-    would keep one gathered copy per offset: O(k*k*N*C) memory instead of O(N*C)).
-    """
-
-    @staticmethod
-    def forward(ctx, feats: Tensor, kernel: Tensor, maps: list[tuple[int, Tensor, Tensor]]) -> Tensor:
-        out = feats.new_zeros(feats.shape)
-        for offset, src, dst in maps:
-            out.index_add_(0, dst, feats[src] * kernel[offset])
-        ctx.save_for_backward(feats, kernel)
-        ctx.maps = maps
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: Tensor):
-        feats, kernel = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        grad_feats = torch.zeros_like(feats) if ctx.needs_input_grad[0] else None
-        grad_kernel = torch.zeros_like(kernel) if ctx.needs_input_grad[1] else None
-        for offset, src, dst in ctx.maps:
-            g = grad_out[dst]
-            if grad_feats is not None:
-                grad_feats.index_add_(0, src, g * kernel[offset])
-            if grad_kernel is not None:
-                grad_kernel[offset] = (feats[src] * g).sum(0)
-        return grad_feats, grad_kernel, None
-
-
-def _me_kernel_map(op: SparseOp, x: ME.SparseTensor) -> list[tuple[int, Tensor, Tensor]]:
-    """(offset, input rows, output rows) per kernel offset, from ME's cached stride-1 kernel map."""
-    manager, key = x.coordinate_manager, x.coordinate_map_key
-    region_type, region_offset, _ = op.kernel_generator.get_kernel(x.tensor_stride, False)
-    kernel_map = manager.kernel_map(
-        key, key, 1, op.kernel_size, 1, region_type=region_type, region_offset=region_offset
-    )
-    return [(o, io[0].long().to(x.device), io[1].long().to(x.device)) for o, io in kernel_map.items()]
-
-
-def me(op: SparseOp, x: ME.SparseTensor, src: BlockLayout | None, dst: BlockLayout | None, weight, bias):
-    """MinkowskiEngine's own function. Returns (features, key): canonical order and key when `dst`."""
-    feats = x.F if x.F.dtype in (torch.float32, torch.float64) else x.F.float()
-    with torch.autocast(x.device.type, enabled=False):
-        if op.kind == "depthwise":
-            kernel = conv_weight_to_me_depthwise(weight).to(feats.dtype)
-            y = _DepthwiseMapFunction.apply(feats.contiguous(), kernel, _me_kernel_map(op, x))
-            out_key = x.coordinate_map_key
-        else:
-            out_key = ME.CoordinateMapKey(x.coordinate_map_key.get_coordinate_size())
-            if op.kind == "maxpool":
-                y = ME.MinkowskiLocalPoolingFunction.apply(
-                    feats, ME.PoolingMode.LOCAL_MAX_POOLING, op.kernel_generator,
-                    x.coordinate_map_key, out_key, x._manager,
-                )  # fmt: skip
-            else:
-                y = ME.MinkowskiConvolutionFunction.apply(
-                    feats, conv_weight_to_me_kernel(weight).to(feats.dtype).contiguous(), op.kernel_generator,
-                    ConvolutionMode.DEFAULT, x.coordinate_map_key, out_key, x._manager,
-                )  # fmt: skip
-        if bias is not None:
-            y = y + bias.to(y.dtype)
-    if dst is None:
-        return y, out_key
-    if out_key != dst.key:  # strided: ME's hash order -> canonical block-major order
-        rows = dst.geometry.canonical_rows(x.coordinate_manager.get_coordinates(out_key), dst.stride)
-        order = torch.empty_like(rows)
-        order[rows] = torch.arange(len(rows), device=rows.device)
-        y = y.index_select(0, order)
-    return y, dst.key
 
 
 Dataflow = Callable[..., Tensor]

@@ -203,7 +203,9 @@ class SparseGRN(nn.Module):
         sq = wide.new_zeros(num_images, feats.shape[1]).index_add(0, batch, wide * wide)
         g = sq.sqrt()  # [B, C]
         n = (g / (g.mean(dim=1, keepdim=True) + self.eps)).to(feats.dtype)
-        return with_features(x, feats + torch.addcmul(self.bias, self.weight, feats * n[batch]).to(feats.dtype))
+        return with_features(
+            x, feats + torch.addcmul(self.bias, self.weight, feats * n[batch]).to(feats.dtype)
+        )
 
 
 class SparseMaxPool2d(_TunedOp):

@@ -68,9 +68,7 @@ def sparsify(
         blocks = dense.reshape(batch, channels, grid_h, cell_h, grid_w, cell_w).permute(0, 2, 4, 3, 5, 1)
         feats = blocks[active].reshape(-1, channels)  # [n_cells * b * b, C], block-major
         layout = geometry.layout(stride)
-        return ME.SparseTensor(
-            feats, coordinate_map_key=layout.key, coordinate_manager=coordinate_manager
-        )
+        return ME.SparseTensor(feats, coordinate_map_key=layout.key, coordinate_manager=coordinate_manager)
     coords = active_coordinates(active, height, width, stride)
     feats = dense.permute(0, 2, 3, 1)[upsample_mask(active, height, width)[:, 0]]  # [N, C]
     return ME.SparseTensor(

@@ -68,7 +68,7 @@ class DataflowTuner:
     def key(op: SparseOp, layout: BlockLayout, dtype: torch.dtype, device: torch.device) -> str:
         bucket = 2 ** round(math.log2(max(layout.num_sites, 1)))
         dt = str(dtype).removeprefix("torch.")
-        return f"{op.kind}{op.kernel_size}/{op.stride} {op.in_channels}->{op.out_channels} b{layout.block} n~{bucket} {dt} {device.type}"
+        return f"{op!r} b{layout.block} n~{bucket} {dt} {device.type}"
 
     def choose(self, op: SparseOp, x: ME.SparseTensor, weight, bias) -> str:
         """The dataflow for `op` on `x` (``me`` for tensors without a block layout)."""
@@ -76,7 +76,9 @@ class DataflowTuner:
         if layout is None:
             return "me"
         if self.mode not in ("auto", "rules"):  # forced, where it applies (gemm: convs only)
-            return self.mode if self.mode == "me" or self.mode in dataflows.candidates(op) else rule(op, layout)
+            return (
+                self.mode if self.mode == "me" or self.mode in dataflows.candidates(op) else rule(op, layout)
+            )
         key = self.key(op, layout, dataflows.compute_dtype(x.F, op), x.device)
         if key not in self.choices:
             names = dataflows.candidates(op)
@@ -112,7 +114,9 @@ class DataflowTuner:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps({"choices": self.choices, "timings": self.timings}, indent=1, sort_keys=True))
+        tmp.write_text(
+            json.dumps({"choices": self.choices, "timings": self.timings}, indent=1, sort_keys=True)
+        )
         tmp.replace(path)
 
     def load(self, path: str | Path) -> None:

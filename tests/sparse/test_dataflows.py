@@ -24,7 +24,9 @@ def make_mask(gen: torch.Generator, batch: int, grid: tuple[int, int], case: str
         active = torch.zeros(batch, h, w, dtype=torch.bool)
         active[0, h - 1, w - 1] = True
         for i in range(1, batch):
-            active[i, int(torch.randint(h, (1,), generator=gen)), int(torch.randint(w, (1,), generator=gen))] = True
+            active[
+                i, int(torch.randint(h, (1,), generator=gen)), int(torch.randint(w, (1,), generator=gen))
+            ] = True
         return active
     ratio = float(case)
     active = torch.rand(batch, h, w, generator=gen) >= ratio

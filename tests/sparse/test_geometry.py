@@ -29,7 +29,9 @@ def test_rows_are_block_major_and_match_the_coordinates(gen) -> None:
     assert torch.equal(torch.cat([coords[:, :1], cells], 1)[::64], geometry_of(s).cells)
     # the features at each coordinate are the dense values there
     assert torch.equal(s.F, x[coords[:, 0], :, coords[:, 1] // 4, coords[:, 2] // 4])
-    assert torch.equal(densify(s, x.shape), x * active.repeat_interleave(8, 1).repeat_interleave(8, 2)[:, None])
+    assert torch.equal(
+        densify(s, x.shape), x * active.repeat_interleave(8, 1).repeat_interleave(8, 2)[:, None]
+    )
 
 
 def test_halo_index_is_the_neighbourhood_of_each_block(gen) -> None:
