@@ -49,6 +49,7 @@ class PretrainConfig:
     betas: tuple[float, float] | None = None  # None: (0.9, 0.95) for ResNets, (0.9, 0.999) for ConvNeXts
     amp: bool = False
     amp_dtype: str = "bf16"  # bf16 | fp16 (fp16 uses a GradScaler)
+    sync_bn: bool = True  # under DDP: BN statistics over all processes (encoder, densify, decoder)
     dataflow: str = "auto"  # sparse ops: auto (measured per layer) | rules | block | dense | gemm | me
     # bookkeeping
     output_dir: str = "output"
@@ -146,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--amp_dtype (the 'me' dataflow stays float32)",
     )
     add("--amp_dtype", choices=("bf16", "fp16"))
+    add(
+        "--sync_bn",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="under DDP, BatchNorm statistics over the visible sites of all processes (SparK's default)",
+    )
     add(
         "--dataflow",
         choices=("auto", "rules", "block", "dense", "gemm", "me"),

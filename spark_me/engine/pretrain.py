@@ -25,6 +25,7 @@ from spark_me.engine.evaluate import Validation
 from spark_me.engine.optim import build_lr_scheduler, build_optimizer, set_weight_decay, weight_decay_at
 from spark_me.models.registry import create_encoder
 from spark_me.models.spark import SparK
+from spark_me.sparse.sync_batchnorm import convert_sync_batchnorm
 from spark_me.viz import save_reconstructions
 
 log = logging.getLogger("spark_me.pretrain")
@@ -199,8 +200,8 @@ def _run(cfg: PretrainConfig, env: DistEnv, output: Path) -> int:
         log.info("resumed from %s: epoch %d, step %d", resume, start_epoch, step)
 
     if env.distributed:
-        if env.device.type == "cuda":  # SyncBN for the dense decoder only: the encoder's BN is sparse
-            model.decoder = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.decoder)
+        if cfg.sync_bn:  # encoder, densify and decoder BNs: statistics of all processes
+            convert_sync_batchnorm(model)
         ddp = DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
     else:
         ddp = model

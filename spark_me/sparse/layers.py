@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from spark_me.sparse import dataflows
 from spark_me.sparse.dataflows import SparseOp
 from spark_me.sparse.geometry import layout_of
+from spark_me.sparse.sync_batchnorm import sync_batch_norm_rows, synchronised
 from spark_me.sparse.tuner import DataflowTuner, rule_for
 
 
@@ -124,10 +125,15 @@ class SparseBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm with statistics over active sites only (SparK's sparse BN); BatchNorm2d's state.
 
     Runs `F.batch_norm` on the [N, C] features directly (no transposed copies), with BatchNorm2d's
-    running-statistics bookkeeping.
+    running-statistics bookkeeping. After `convert_sync_batchnorm` (sync_batchnorm.py) its training
+    statistics are those of the visible sites of every process.
     """
 
+    sync_group = False  # False: local statistics; None or a process group: synchronised
+
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:  # type: ignore[override]
+        if synchronised(self):
+            return with_features(x, sync_batch_norm_rows(self, x.F, self.sync_group))
         momentum = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
