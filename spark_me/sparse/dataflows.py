@@ -200,11 +200,14 @@ class _Gathered(torch.autograd.Function):
 
 
 def _run_flow(flow: type[_Flow], op: SparseOp, x: ME.SparseTensor, src, dst, weight, bias) -> Tensor:
-    if op.kind == "maxpool":  # no weights; max_pool2d keeps only its argmax indices for backward
+    if op.kind == "maxpool":  # no weights: plain autograd (one pool per network, at the stem)
         return _maxpool(flow(op, src, dst), x.F)
     dtype = compute_dtype(x.F, op)
     return _Gathered.apply(
-        x.F.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None, flow(op, src, dst)
+        x.F.to(dtype).contiguous(),
+        weight.to(dtype),
+        bias.to(dtype) if bias is not None else None,
+        flow(op, src, dst),
     )
 
 
