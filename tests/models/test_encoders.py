@@ -72,12 +72,13 @@ def test_odd_shapes(pair_factory, gen, arch: str, size: tuple[int, int]) -> None
 
 
 def grad_mask(kind: str, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Nothing masked, 90 % masked, or a single visible cell per image (a corner, an inner cell)."""
+    """Nothing masked, 90 % masked, or a single visible cell per image (corners, an inner cell)."""
     b, _, h, w = images.shape
     if kind == "single":
         active = torch.zeros(b, h // 32, w // 32, dtype=torch.bool)
         active[0, 0, 0] = True
         active[1, 1, 3] = True
+        active[2, 2, 4] = True
         return active
     return mask_for(images, {"none": 0.0, "0.9": 0.9}[kind], gen)
 
@@ -87,11 +88,14 @@ def grad_mask(kind: str, images: torch.Tensor, gen: torch.Generator) -> torch.Te
 @pytest.mark.parametrize("arch", sorted(TINY))  # ResNet basic/bottleneck, ConvNeXt V1 (gamma), V2 (GRN)
 def test_backward_equals_masked_dense_float64(pair_factory, gen, arch: str, mask: str, train: bool) -> None:
     """Gradients w.r.t. every parameter and the input agree with the reference's to float64
-    rounding, on a non-square 96x160 image (a 3x5 grid of cells); masked pixels get none."""
+    rounding, on a non-square 96x160 image (a 3x5 grid of cells); masked pixels get none.
+
+    Three images: with two, 90 % masked leaves train-mode BN so few sites that its Jacobian
+    amplifies float64 rounding to ~1e-10 (ResNet-18: conditioning, not a difference)."""
     sparse, reference = pair_factory(arch)
     sparse.double().train(train)
     reference.double().train(train)
-    images = torch.randn(2, 3, 96, 160, generator=gen, dtype=torch.float64)
+    images = torch.randn(3, 3, 96, 160, generator=gen, dtype=torch.float64)
     active = grad_mask(mask, images, gen)
     probes = None
     grads = []
