@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import pytest
 
 from spark_me import bootstrap
+from spark_me._build.fetch import BuildError
 
 
 def test_help_lists_the_two_readme_commands(capsys: pytest.CaptureFixture[str]) -> None:
@@ -45,16 +49,123 @@ def test_cuda_build_can_be_forced_either_way(monkeypatch: pytest.MonkeyPatch, en
     assert bootstrap.want_cuda() == expected
 
 
-def test_auto_cuda_follows_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Unset: CUDA exactly when the venv's torch sees a GPU and nvcc is there (CPU build here)."""
-    import os
-    import shutil
+def fake_probe(monkeypatch: pytest.MonkeyPatch, stdout: str, returncode: int = 0) -> list:
+    """The venv's torch, as want_cuda asks it for the GPU's compute capability."""
+    calls = []
 
-    import torch
+    def run(cmd, **kwargs):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, returncode, stdout=stdout, stderr="")
 
+    monkeypatch.setattr(bootstrap.subprocess, "run", run)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("gpu", "nvcc", "cuda_home", "arch_list", "expected"),
+    [
+        ("8.6\n", True, None, None, (True, "8.6")),  # a GPU and nvcc: for that GPU
+        ("8.6\n", True, None, "9.0", (True, "9.0")),  # ... unless TORCH_CUDA_ARCH_LIST says otherwise
+        ("8.6\n", False, "/opt/cuda", None, (True, "8.6")),  # CUDA_HOME stands in for nvcc on PATH
+        ("8.6\n", False, None, None, (False, None)),  # a GPU but no toolkit: CPU build
+        ("\n", True, None, "9.0", (False, None)),  # no GPU: CPU build, whatever the toolkit
+    ],
+)
+def test_auto_cuda_rule(monkeypatch: pytest.MonkeyPatch, gpu, nvcc, cuda_home, arch_list, expected) -> None:
     monkeypatch.delenv("SPARK_ME_CUDA", raising=False)
-    expected = torch.cuda.is_available() and bool(os.environ.get("CUDA_HOME") or shutil.which("nvcc"))
-    assert bootstrap.want_cuda()[0] is expected
+    for key, value in (("CUDA_HOME", cuda_home), ("TORCH_CUDA_ARCH_LIST", arch_list)):
+        if value is None:
+            monkeypatch.delenv(key, raising=False)
+        else:
+            monkeypatch.setenv(key, value)
+    which = {"nvcc": "/usr/bin/nvcc"} if nvcc else {}
+    monkeypatch.setattr(bootstrap.shutil, "which", which.get)
+    calls = fake_probe(monkeypatch, gpu)
+    assert bootstrap.want_cuda() == expected
+    assert calls and calls[0][0] == str(bootstrap.venv_python())  # asked the venv's torch, not ours
+
+
+def test_auto_cuda_when_the_probe_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SPARK_ME_CUDA", raising=False)
+    monkeypatch.setattr(bootstrap.shutil, "which", lambda name: "/usr/bin/nvcc")
+    fake_probe(monkeypatch, "8.6\n", returncode=1)  # e.g. torch not importable yet
+    assert bootstrap.want_cuda() == (False, None)
+
+
+@pytest.mark.parametrize(("flag", "expected"), [("true", True), ("YES", True), ("off", False), ("no", False)])
+def test_cuda_flag_spellings_skip_the_probe(monkeypatch: pytest.MonkeyPatch, flag, expected) -> None:
+    monkeypatch.setenv("SPARK_ME_CUDA", flag)
+    calls = fake_probe(monkeypatch, "8.6\n")
+    assert bootstrap.want_cuda()[0] is expected and not calls
+
+
+def test_dependency_stamp(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """pip runs once per pyproject/extras state; a failed install leaves no stamp (so it retries)."""
+    monkeypatch.setattr(bootstrap, "VENV", tmp_path)
+    pip_calls = []
+
+    def run(cmd, **kwargs):
+        pip_calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(bootstrap.subprocess, "run", run)
+    bootstrap.ensure_deps()
+    stamp = tmp_path / bootstrap.DEPS_STAMP
+    assert stamp.read_text() == bootstrap.deps_fingerprint()
+    assert any(str(c).endswith(f"[{bootstrap.EXTRAS}]") for cmd in pip_calls for c in cmd)
+    count = len(pip_calls)
+    bootstrap.ensure_deps()
+    assert len(pip_calls) == count  # up to date: nothing run
+    monkeypatch.setattr(bootstrap, "EXTRAS", "dev")
+    stamp_before = stamp.read_text()
+
+    def failing(cmd, **kwargs):
+        raise subprocess.CalledProcessError(1, cmd)
+
+    monkeypatch.setattr(bootstrap.subprocess, "run", failing)
+    with pytest.raises(subprocess.CalledProcessError):
+        bootstrap.ensure_deps()
+    assert stamp.read_text() == stamp_before  # not marked as done
+    monkeypatch.setattr(bootstrap.subprocess, "run", run)
+    bootstrap.ensure_deps()
+    assert len(pip_calls) > count and stamp.read_text() == bootstrap.deps_fingerprint() != stamp_before
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (BuildError("MinkowskiEngine build failed"), 1),
+        (subprocess.CalledProcessError(3, ["pip", "install"]), 1),
+        (None, 7),  # set-up fine: the job's own exit code
+    ],
+)
+def test_exit_codes(monkeypatch: pytest.MonkeyPatch, error, code: int) -> None:
+    def setup(with_detectron2=False):
+        if error is not None:
+            raise error
+
+    monkeypatch.setattr(bootstrap, "setup", setup)
+    monkeypatch.setattr(bootstrap, "run_in_venv", lambda args: 7)
+    assert bootstrap.main(["pretrain", "--epochs", "1"]) == code
+
+
+def test_test_command_makes_detectron2_mandatory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bootstrap test` installs Detectron2 and runs pytest with SPARK_ME_REQUIRE_DETECTRON2=1 (the
+    detection tests then fail instead of skipping without it); pretraining needs neither."""
+    monkeypatch.setenv("SPARK_ME_REQUIRE_DETECTRON2", "unset-by-test")  # restored afterwards
+    setups, jobs = [], []
+    monkeypatch.setattr(bootstrap, "setup", lambda with_detectron2=False: setups.append(with_detectron2))
+
+    def run_in_venv(args):
+        jobs.append((args, os.environ.get("SPARK_ME_REQUIRE_DETECTRON2")))
+        return 0
+
+    monkeypatch.setattr(bootstrap, "run_in_venv", run_in_venv)
+    assert bootstrap.main(["pretrain", "--epochs", "1"]) == 0
+    assert bootstrap.main(["test", "-x", "tests/engine"]) == 0
+    assert setups == [False, True]
+    assert jobs[0] == (["-m", "spark_me.cli", "pretrain", "--epochs", "1"], "unset-by-test")
+    assert jobs[1] == (["-m", "pytest", "-x", "tests/engine"], "1")
 
 
 def test_setup_without_detectron2_flag(monkeypatch: pytest.MonkeyPatch) -> None:

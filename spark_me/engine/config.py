@@ -130,7 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--val_every", type=int, help="epochs between validation losses (0: no validation)")
     add("--batch_size", type=int, help="per GPU / process")
-    add("--accum_iter", type=int, help="gradient accumulation steps")
+    add(
+        "--accum_iter",
+        type=int,
+        help="micro-batches per optimiser step; when it does not divide the batches of an epoch, "
+        "the last (batches %% accum_iter) of each epoch are dropped (no update from a partial group)",
+    )
     add("--epochs", type=int)
     add("--warmup_epochs", type=int)
     add("--blr", type=float, help="base lr: lr = blr * batch_size * accum_iter * world_size / 256")

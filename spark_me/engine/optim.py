@@ -33,6 +33,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def scaled_lr(cfg: PretrainConfig, world_size: int) -> tuple[float, int]:
+    """(lr, effective batch): lr = blr x effective batch / 256 unless --lr gives it outright;
+    effective batch = batch_size (per process) x accum_iter x world_size."""
+    eff_batch = cfg.batch_size * cfg.accum_iter * world_size
+    return (cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256), eff_batch
+
+
 def default_betas(arch: str) -> tuple[float, float]:
     return (0.9, 0.95) if arch.startswith("resnet") else (0.9, 0.999)
 

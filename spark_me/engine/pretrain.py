@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -22,7 +23,13 @@ from spark_me.engine import checkpoint, distributed
 from spark_me.engine.config import DROP_PATH, PretrainConfig
 from spark_me.engine.distributed import DistEnv
 from spark_me.engine.evaluate import Validation
-from spark_me.engine.optim import build_lr_scheduler, build_optimizer, set_weight_decay, weight_decay_at
+from spark_me.engine.optim import (
+    build_lr_scheduler,
+    build_optimizer,
+    scaled_lr,
+    set_weight_decay,
+    weight_decay_at,
+)
 from spark_me.models.registry import create_encoder
 from spark_me.models.spark import SparK
 from spark_me.sparse.sync_batchnorm import convert_sync_batchnorm
@@ -95,11 +102,20 @@ def autocast(cfg: PretrainConfig, env: DistEnv):
 
 
 def train_one_epoch(model, loader, optimizer, lr_sched, scaler, cfg, env, epoch, step, total_steps, writer):
-    """One pass over the data; returns (mean loss, optimiser steps done so far)."""
+    """One pass over the data; returns (mean loss, optimiser steps done so far).
+
+    With `accum_iter` > 1, only whole groups of `accum_iter` micro-batches are used: the last
+    `len(loader) % accum_iter` batches of the epoch are DROPPED (not loaded, no forward/backward),
+    so every optimiser step averages exactly `accum_iter` micro-batches and no gradient is carried
+    into the next epoch (where it would also be missing from the checkpoint a resume starts from).
+    """
     model.train()
+    optimizer.zero_grad(set_to_none=True)  # an epoch starts from no gradient, whatever came before
+    used = (len(loader) // cfg.accum_iter) * cfg.accum_iter
     losses = []
     bar = tqdm(
-        loader,
+        itertools.islice(loader, used),
+        total=used,
         desc=f"epoch {epoch + 1}/{cfg.epochs}",
         disable=not env.is_main,
         leave=False,
@@ -165,11 +181,18 @@ def _run(cfg: PretrainConfig, env: DistEnv, output: Path) -> int:
         model.encoder.load_state_dict(weights, strict=True)
         log.info("encoder initialised from %s", cfg.init_weight)
 
-    eff_batch = cfg.batch_size * cfg.accum_iter * env.world_size
-    lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
+    lr, eff_batch = scaled_lr(cfg, env.world_size)
     steps_per_epoch = len(loader) // cfg.accum_iter
     if steps_per_epoch == 0:
         raise ValueError(f"--accum_iter {cfg.accum_iter} exceeds the {len(loader)} batches of an epoch")
+    if len(loader) % cfg.accum_iter:
+        log.info(
+            "--accum_iter %d does not divide the %d batches of an epoch: the last %d of each epoch "
+            "are dropped",
+            cfg.accum_iter,
+            len(loader),
+            len(loader) % cfg.accum_iter,
+        )
     total_steps = cfg.epochs * steps_per_epoch
     optimizer = build_optimizer(model, cfg, lr)
     lr_sched = build_lr_scheduler(optimizer, cfg, lr, steps_per_epoch)

@@ -13,7 +13,7 @@ import converters
 import spark_me
 from spark_me import cli
 
-from ..models.conftest import randomize
+from .._fixtures import randomize
 
 
 def spark_checkpoint(tmp_path: Path, gen, arch="resnet18", **kw) -> tuple[Path, torch.nn.Module]:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import timm
 import torch
 
 import converters
 import spark_me
-from spark_me.sparse.layout import conv_weight_to_me_depthwise, conv_weight_to_me_kernel
 
-from ..models.conftest import TINY, randomize
+from .._fixtures import randomize
+from ..models.conftest import TINY
 
 # small widths/depths where timm allows, plus one real-size model per family
 CASES = [(arch, TINY[arch]) for arch in sorted(TINY)] + [
@@ -67,23 +69,67 @@ def test_full_spark_checkpoint_is_accepted(gen) -> None:
     assert torch.equal(state["layer4.1.conv2.weight"], model.encoder.layer4[1].conv2.weight)
 
 
+@functools.lru_cache
+def me_kernel_offsets(kernel_size: int) -> list[tuple[int, int]]:
+    """(dy, dx) of each of ME's kernel indices, found by running ME's own convolution (not from
+    spark_me's layout helpers): a one-hot kernel at index j moves a single lit pixel by -offset_j."""
+    import MinkowskiEngine as ME
+
+    n = 2 * kernel_size + 1
+    centre = kernel_size
+    ys, xs = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    coords = torch.stack([torch.zeros(n * n, dtype=torch.long), ys.flatten(), xs.flatten()], 1).int()
+    feats = torch.zeros(n * n, 1, dtype=torch.float64)
+    feats[centre * n + centre] = 1.0
+    x = ME.SparseTensor(feats, coordinates=coords)
+    conv = ME.MinkowskiConvolution(1, 1, kernel_size=kernel_size, stride=1, dimension=2).double()
+    assert conv.kernel.shape == (kernel_size**2, 1, 1)
+    offsets = []
+    for j in range(kernel_size**2):
+        with torch.no_grad():
+            conv.kernel.zero_()
+            conv.kernel[j] = 1.0
+            out = conv(x)
+        (lit,) = out.F[:, 0].nonzero()[:, 0].tolist()
+        y, xx = out.C[lit, 1:].tolist()
+        offsets.append((centre - y, centre - xx))
+    assert len(set(offsets)) == kernel_size**2
+    return offsets
+
+
+def to_me_layout(name: str, value: torch.Tensor) -> torch.Tensor:
+    """torch layout -> ME layout, built from ME's measured offsets: ME's kernel row j holds the
+    torch weight tap that multiplies the input at offset_j (Conv2d is a cross-correlation; odd
+    kernels are centred, even ones start at offset 0, so the tap is offset - smallest offset)."""
+    if value.dim() == 4 and value.shape[-1] == 1:  # pointwise: ME keeps a 2-D [in, out] kernel
+        import MinkowskiEngine as ME
+
+        assert ME.MinkowskiConvolution(3, 5, kernel_size=1, dimension=2).kernel.shape == (3, 5)
+        return value[:, :, 0, 0].t()
+    if value.dim() == 4:
+        k = value.shape[-1]
+        offsets = me_kernel_offsets(k)
+        low = min(min(o) for o in offsets)
+        taps = [value[:, :, dy - low, dx - low] for dy, dx in offsets]  # each [out, in]
+        if name.endswith("conv_dw.weight"):
+            return torch.stack([t[:, 0] for t in taps])  # [k*k, C]
+        return torch.stack([t.t() for t in taps])  # [k*k, in, out]
+    if name.endswith("grn.weight") or name.endswith("grn.bias"):
+        return value.reshape(1, 1, 1, -1)
+    if name.endswith("bias") and value.dim() == 1:
+        return value.reshape(1, -1)
+    return value
+
+
 def test_minkowski_layout_is_relaid_out(gen) -> None:
-    """State dicts in ME's layout (kernels [k*k, in, out], depthwise [k*k, C], biases [1, C])."""
+    """State dicts in ME's layout (kernels [k*k, in, out], depthwise [k*k, C], biases [1, C]) export
+    to the same timm tensors; the ME layout is made independently of spark_me's layout helpers."""
     arch, kw = "convnextv2_atto", TINY["convnextv2_atto"]
     sparse = spark_me.create_encoder(arch, **kw)
     randomize(sparse, gen)
-    me_state = {}
-    for k, v in sparse.state_dict().items():
-        if k.endswith("conv_dw.weight"):
-            me_state[k] = conv_weight_to_me_depthwise(v)
-        elif v.dim() == 4 and v.shape[-1] > 1:
-            me_state[k] = conv_weight_to_me_kernel(v)
-        elif k.endswith("grn.weight"):
-            me_state[k] = v.reshape(1, 1, 1, -1)
-        elif k.endswith("bias") and v.dim() == 1:
-            me_state[k] = v.reshape(1, -1)
-        else:
-            me_state[k] = v
+    me_state = {k: to_me_layout(k, v) for k, v in sparse.state_dict().items()}
+    assert {tuple(v.shape) for k, v in me_state.items() if k.endswith("conv_dw.weight")} == {(49, 8),
+            (49, 16), (49, 24), (49, 32)}  # fmt: skip
     exported = converters.to_timm(me_state, arch, **kw)
     for k, v in sparse.state_dict().items():
         assert torch.equal(exported[k], v), k

@@ -3,16 +3,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-if os.environ.get("SPARK_ME_REQUIRE_DETECTRON2") == "1":
-    import detectron2  # noqa: F401
-else:
-    pytest.importorskip("detectron2", reason="Detectron2 not installed: python3 -m spark_me.bootstrap setup")
+from .._fixtures import randomize, require_detectron2
+
+require_detectron2()
 
 import converters  # noqa: E402
 import spark_me  # noqa: E402
@@ -22,18 +20,14 @@ import spark_me  # noqa: E402
 def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Exports of randomly initialised sparse encoders, as `spark-me export` writes them.
 
-    BN statistics and affine parameters are randomised so that a mis-mapped key changes features."""
+    Every norm weight/bias/statistic and layer scale is randomised (tests/_fixtures.py), so that a
+    mis-mapped or missing tensor anywhere in the blocks changes the features."""
     out = tmp_path_factory.mktemp("exports")
-    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
     paths = {}
     for arch in ("resnet50", "convnext_atto"):
         encoder = spark_me.create_encoder(arch)
-        state = {
-            k: (torch.rand_like(v) * 0.5 + 0.75 if ("running_var" in k or k.endswith("bn1.weight")) else v)
-            if v.is_floating_point() else v
-            for k, v in encoder.state_dict().items()
-        }  # fmt: skip
-        encoder.load_state_dict(state)
+        randomize(encoder, gen)
         timm_state = converters.to_timm(encoder.state_dict(), arch)
         paths[f"{arch}.safetensors"] = converters.save_state(timm_state, out / f"{arch}.safetensors")
         paths[f"{arch}.encoder"] = converters.save_state(encoder.state_dict(), out / f"{arch}_encoder.pth")

@@ -8,9 +8,17 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 
+import converters
 import spark_me
 from detection.config import load_config
 from detection.weights import load_pretrained_backbone
+
+from .._fixtures import perturbations
+
+CONFIGS = {
+    "resnet50": ("mask_rcnn_R_50_FPN_1x.yaml",),
+    "convnext_atto": ("mask_rcnn_convnext_T_FPN_1x.yaml", "MODEL.TIMM.ARCH", "convnext_atto"),
+}
 
 
 def _model(config: str, *opts: str):
@@ -23,6 +31,15 @@ def _sparse_features(arch: str, encoder_file: Path, images: torch.Tensor) -> lis
     active = torch.ones(images.shape[0], images.shape[2] // 32, images.shape[3] // 32, dtype=torch.bool)
     with torch.no_grad():
         return encoder(images, active)
+
+
+def _d2_features(model, images: torch.Tensor) -> list[torch.Tensor]:
+    bottom_up = model.backbone.bottom_up
+    with torch.no_grad():
+        if hasattr(bottom_up, "model"):  # the timm ConvNeXt wrapper
+            return bottom_up.model.forward_intermediates(images, indices=4, intermediates_only=True)
+        feats = bottom_up(images)
+    return [feats[k] for k in ("res2", "res3", "res4", "res5")]
 
 
 def _assert_close(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
@@ -83,3 +100,23 @@ def test_pretraining_checkpoint_is_converted_on_the_fly(exports, tmp_path: Path)
     model = _model("mask_rcnn_R_50_FPN_1x.yaml")
     assert load_pretrained_backbone(model, tmp_path / "checkpoint-last.pth").loaded == 265
     assert torch.equal(model.backbone.bottom_up.stem.conv1.weight, encoder_state["conv1.weight"])
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_the_comparison_fails_for_a_swapped_or_dropped_tensor(exports, tmp_path: Path, arch: str) -> None:
+    """Self-test of the fixture: with its randomised norms and layer scales, an export with two
+    block tensors swapped, or one left at its initial value, no longer gives the sparse features."""
+    encoder_file = exports[f"{arch}.encoder"]
+    state = torch.load(encoder_file, weights_only=True)
+    fresh = spark_me.create_encoder(arch).state_dict()
+    images = torch.randn(2, 3, 64, 96)
+    want = _sparse_features(arch, encoder_file, images)
+    model = _model(*CONFIGS[arch])
+    load_pretrained_backbone(model, exports[f"{arch}.safetensors"])
+    _assert_close(_d2_features(model, images), want)  # the faithful export passes
+    for i, (what, wrong) in enumerate(perturbations(arch, state, fresh)):
+        path = converters.save_state(converters.to_timm(wrong, arch), tmp_path / f"wrong{i}.safetensors")
+        load_pretrained_backbone(model, path)
+        with pytest.raises(AssertionError):
+            _assert_close(_d2_features(model, images), want)
+            pytest.fail(f"{what}: not detected")

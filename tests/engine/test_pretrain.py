@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -60,13 +62,18 @@ def test_run_writes_checkpoint_export_pictures_logs(tmp_path: Path) -> None:
         assert (tmp_path / name).is_file(), name
     assert not (tmp_path / "checkpoint-0001.pth").exists()  # keep_last 1
     assert len(list((tmp_path / "tb").iterdir())) >= 1
-    assert [r["epoch"] for r in read_log(tmp_path)] == [1, 2]
+    log = read_log(tmp_path)
+    assert [r["epoch"] for r in log] == [1, 2]
+    # the weight-decay ramp (0.04 -> 0.2 over the 8 updates) reaches its end value at the last update
+    assert 0.04 < log[0]["weight_decay"] < 0.2 and log[1]["weight_decay"] == pytest.approx(0.2, abs=1e-12)
     with Image.open(tmp_path / "reconstruction-last.png") as img:
         assert img.size[0] > 4 * 64 and img.mode == "RGB"
     state = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)  # plain types only
     assert {"model", "optimizer", "epoch", "step", "config"} <= state.keys()
     assert state["step"] == 2 * 3 and state["config"]["arch"] == "resnet18"  # 12 training photos / batch 4
     assert any(k.startswith("decoder.") for k in state["model"])  # the decoder is kept
+    decay, no_decay = state["optimizer"]["param_groups"]
+    assert decay["weight_decay"] == pytest.approx(0.2, abs=1e-12) and no_decay["weight_decay"] == 0.0
     dense = timm.create_model("resnet18")
     missing = dense.load_state_dict(converters.load_state(tmp_path / "timm-last.pth"), strict=False)
     assert set(missing.missing_keys) == {"fc.weight", "fc.bias"} and not missing.unexpected_keys
@@ -79,12 +86,20 @@ def test_extending_a_finished_run(tmp_path: Path) -> None:
     assert [r["step"] for r in read_log(tmp_path)] == [3, 6, 9]
 
 
+def flat(state: dict, keys: list[str]) -> torch.Tensor:
+    return torch.cat([state[k].flatten() for k in keys])
+
+
 def test_resume_after_kill_mid_epoch(tmp_path: Path) -> None:
     """Killed in epoch 2, the same command resumes from the end of epoch 1 (the last atomic
     checkpoint) and continues exactly like an uninterrupted run: same steps, same lr schedule, same
-    losses (to float rounding: ME's CPU kernels sum in a run-dependent order)."""
+    losses and weights (to float rounding: ME's CPU kernels sum in a run-dependent order).
+
+    With --accum_iter 2 over 3 batches an epoch, one batch is left over each epoch: it must not
+    reach the next epoch's first update (the resumed run could not reproduce that)."""
     straight, killed_dir = tmp_path / "straight", tmp_path / "killed"
-    assert run(straight, "--epochs", "3") == 0
+    accum = ["--accum_iter", "2", "--lr", "2e-3", "--save_every", "1", "--keep_last", "0", "--epochs", "2"]
+    assert run(straight, *accum) == 0
     code = (
         "import sys, spark_me.engine.pretrain as p\n"
         "orig = p.train_one_epoch\n"
@@ -93,18 +108,81 @@ def test_resume_after_kill_mid_epoch(tmp_path: Path) -> None:
         "    return orig(*a, **k)\n"
         "p.train_one_epoch = dying\n"
         "from spark_me import cli\n"
-        f"sys.exit(cli.main(['pretrain', '--output_dir', {str(killed_dir)!r}, *{TINY!r}, '--epochs', '3']))\n"
+        f"sys.exit(cli.main(['pretrain', '--output_dir', {str(killed_dir)!r}, *{TINY!r}, *{accum!r}]))\n"
     )
     killed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert killed.returncode == 9, killed.stderr
     assert torch.load(killed_dir / "checkpoint-last.pth", weights_only=True)["epoch"] == 0
-    assert run(killed_dir, "--epochs", "3") == 0
+    assert run(killed_dir, *accum) == 0
     a, b = read_log(straight), read_log(killed_dir)
-    assert [r["epoch"] for r in b] == [1, 2, 3] and [r["step"] for r in b] == [3, 6, 9]
+    assert [r["epoch"] for r in b] == [1, 2] and [r["step"] for r in b] == [1, 2]  # 3 // 2 per epoch
     assert [r["lr"] for r in a] == [r["lr"] for r in b]
     assert [r["weight_decay"] for r in a] == [r["weight_decay"] for r in b]
     for x, y in zip(a, b, strict=True):
         assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-4)
+    # weights after epoch 2: the two runs differ by rounding only, far less than epoch 2 moved them
+    # (norms, not elementwise maxima: LAMB's first steps turn rounding-level gradients into +-lr)
+    first = torch.load(straight / "checkpoint-0001.pth", weights_only=True)["model"]
+    want = torch.load(straight / "checkpoint-last.pth", weights_only=True)["model"]
+    got = torch.load(killed_dir / "checkpoint-last.pth", weights_only=True)["model"]
+    keys = [k for k, v in want.items() if k.endswith("weight") and v.dim() == 4]
+    moved = (flat(want, keys) - flat(first, keys)).norm()
+    assert moved > 1e-3 * flat(want, keys).norm()  # the lr is large enough for the update to show
+    assert (flat(got, keys) - flat(want, keys)).norm() <= 1e-3 * moved
+
+
+class ToyLoss(torch.nn.Module):
+    """A float64 model whose loss is a mean over the batch (no batch statistics): accumulating the
+    mean losses of k equal micro-batches, each divided by k, is the mean loss of their union."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1)).double()
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return (self.net(batch[:, :6]).squeeze(1) - batch[:, 6]).pow(2).mean()
+
+
+def toy_epochs(model, batches_per_epoch: list[list[torch.Tensor]], accum: int) -> list[dict]:
+    """Runs train_one_epoch over the given epochs; the parameters after each epoch."""
+    from spark_me.engine import pretrain
+    from spark_me.engine.config import PretrainConfig
+    from spark_me.engine.distributed import DistEnv
+    from spark_me.engine.optim import build_lr_scheduler, build_optimizer
+
+    epochs = len(batches_per_epoch)
+    steps_per_epoch = len(batches_per_epoch[0]) // accum
+    cfg = PretrainConfig(arch="resnet18", accum_iter=accum, epochs=epochs, warmup_epochs=0, lr=0.05)
+    optimizer = build_optimizer(model, cfg, cfg.lr)
+    lr_sched = build_lr_scheduler(optimizer, cfg, cfg.lr, steps_per_epoch)
+    step, after = 0, []
+    for epoch, loader in enumerate(batches_per_epoch):
+        total = epochs * steps_per_epoch
+        _, step = pretrain.train_one_epoch(
+            model, loader, optimizer, lr_sched, None, cfg, DistEnv(), epoch, step, total, None
+        )
+        assert step == (epoch + 1) * steps_per_epoch
+        assert all(p.grad is None for p in model.parameters())  # nothing carried into the next epoch
+        after.append({k: v.clone() for k, v in model.state_dict().items()})
+    return after
+
+
+def test_accumulation_takes_the_same_updates_as_one_big_batch(gen) -> None:
+    """--accum_iter 3 with micro-batches of 2 == --accum_iter 1 with batches of 6, update by update,
+    over two epochs of 4 micro-batches: the 4th micro-batch of epoch 1 is dropped, not added to the
+    first update of epoch 2."""
+    micro = [[torch.randn(2, 7, generator=gen, dtype=torch.float64) for _ in range(4)] for _ in range(2)]
+    whole = [[torch.cat(epoch[:3])] for epoch in micro]  # the batches an accum-1 run would see
+    model = ToyLoss()
+    twin = ToyLoss()
+    twin.load_state_dict(model.state_dict())
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    accumulated = toy_epochs(model, micro, accum=3)
+    direct = toy_epochs(twin, whole, accum=1)
+    for epoch, (a, d) in enumerate(zip(accumulated, direct, strict=True)):
+        for k in d:
+            assert (d[k] - start[k]).abs().max() > 1e-4  # the updates are not negligible
+            assert torch.allclose(a[k], d[k], rtol=1e-12, atol=1e-14), f"epoch {epoch + 1}: {k}"
 
 
 def test_bad_data(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -152,3 +230,36 @@ def test_mixed_precision_run(tmp_path: Path) -> None:
     assert 0.5 < loss < 1.5
     state = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
     assert all(v.dtype in (torch.float32, torch.int64) for v in state["model"].values())
+
+
+def test_init_weight_starts_from_the_given_encoder(tmp_path: Path, gen, caplog) -> None:
+    """--init_weight loads every encoder tensor (timm layout); with lr 0 the run keeps them exactly,
+    and a full-checkpoint flag given that file instead refuses it by name."""
+    dense = timm.create_model("resnet18", num_classes=0)
+    with torch.no_grad():
+        for p in dense.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    init = converters.save_state(dense.state_dict(), tmp_path / "init.pth")
+    caplog.set_level(logging.INFO, logger="spark_me")
+    out = tmp_path / "run"
+    assert run(out, "--epochs", "1", "--lr", "0", "--init_weight", str(init)) == 0
+    assert "encoder initialised from" in caplog.text
+    exported = converters.load_state(out / "timm-last.pth")
+    for name, value in dense.named_parameters():  # BN running statistics move in training: not those
+        assert torch.equal(exported[name], value.detach()), name
+    assert run(tmp_path / "other", "--epochs", "1", "--resume", str(init)) == 1
+    assert "not a full pretraining checkpoint" in caplog.text and "--init_weight" in caplog.text
+
+
+def test_fp16_run_uses_and_resumes_the_grad_scaler(tmp_path: Path) -> None:
+    """--amp_dtype fp16: the loss is scaled, the scaler is updated every step, saved, and restored
+    on resume (its growth tracker keeps counting instead of starting again)."""
+    assert run(tmp_path, "--epochs", "1", "--amp", "--amp_dtype", "fp16") == 0
+    first = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["scaler"]
+    assert first is not None and first["scale"] <= 65536.0
+    assert first["_growth_tracker"] > 0 or first["scale"] < 65536.0  # update() ran
+    assert run(tmp_path, "--epochs", "2", "--amp", "--amp_dtype", "fp16") == 0
+    second = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["scaler"]
+    assert second["scale"] <= first["scale"]
+    assert second["scale"] < first["scale"] or second["_growth_tracker"] == first["_growth_tracker"] + 4
+    assert all(math.isfinite(r["train_loss"]) for r in read_log(tmp_path))

@@ -9,6 +9,8 @@ from torch import nn
 import spark_me
 from spark_me.models.reference import MaskedDenseEncoder, create_reference
 
+from .._fixtures import randomize
+
 # Small but structurally complete configurations (every block type, both MLP layouts, GRN, gamma).
 TINY = {
     "resnet18": {},
@@ -18,20 +20,6 @@ TINY = {
     "convnextv2_atto": dict(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32)),  # conv_mlp, GRN
     "convnextv2_tiny": dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32)),  # Linear MLP, GRN
 }
-
-
-def randomize(module: nn.Module, gen: torch.Generator) -> None:
-    """Make norms, layer scales, GRN and BN statistics non-trivial (their inits are 0/1/1e-6)."""
-    with torch.no_grad():
-        for name, tensor in module.state_dict().items():
-            if not tensor.is_floating_point():
-                continue
-            leaf = name.rsplit(".", 1)[-1]
-            owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
-            if leaf == "gamma" or leaf == "running_var" or (leaf == "weight" and tensor.dim() == 1):
-                tensor.copy_(torch.rand(tensor.shape, generator=gen) + 0.5)
-            elif leaf in ("bias", "running_mean") and tensor.dim() == 1 and not isinstance(owner, nn.Conv2d):
-                tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.2)
 
 
 def make_pair(arch: str, gen: torch.Generator, **kwargs) -> tuple[nn.Module, MaskedDenseEncoder]:

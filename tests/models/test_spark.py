@@ -7,8 +7,9 @@ import torch
 
 import spark_me
 from spark_me.models.spark import normalized_patches, patchify, unpatchify
-from spark_me.sparse.tensor import upsample_mask
+from spark_me.sparse.tensor import densify, upsample_mask
 
+from .._fixtures import randomize
 from .conftest import TINY
 
 
@@ -50,6 +51,36 @@ def test_loss_counts_masked_patches_only(gen) -> None:
     per_patch = (patchify(pred) - target).pow(2).mean(-1)
     masked = ~active.flatten(1)
     assert base == pytest.approx(float(per_patch[masked].mean()), rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "convnextv2_atto"])
+def test_densify_puts_exactly_the_mask_token_at_masked_sites(gen, arch: str) -> None:
+    """Before each projection: the scale's mask token, bit for bit, at every masked site; the
+    normalised sparse features at every visible site."""
+    model = small_spark(arch).eval()
+    randomize(model, gen)  # mask tokens and norms away from 0 (a token of 0 would equal a zero fill)
+    images = torch.randn(2, 3, 64, 96, generator=gen)
+    active = spark_me.random_mask(2, 64, 96, 0.5, generator=gen)
+    seen = []
+    hooks = [p.register_forward_pre_hook(lambda m, args: seen.append(args[0])) for p in model.densify_projs]
+    with torch.no_grad():
+        feats = model.encode(images, active)
+        model.densify(feats, active, (64, 96))
+    for hook in hooks:
+        hook.remove()
+    assert len(seen) == 4
+    for i, (x, dense) in enumerate(zip(reversed(feats), seen, strict=True)):
+        stride = 32 // 2**i
+        shape = (2, x.F.shape[1], 64 // stride, 96 // stride)
+        assert dense.shape == shape
+        visible = upsample_mask(active, shape[2], shape[3])[:, 0]  # [B, h, w]
+        per_site = dense.permute(0, 2, 3, 1)  # [B, h, w, C]
+        token = model.mask_tokens[i].reshape(-1)
+        assert bool(token.abs().min() > 0.1)
+        assert torch.equal(per_site[~visible], token.expand(int((~visible).sum()), -1))
+        with torch.no_grad():
+            normed = densify(model.densify_norms[i](x), shape).permute(0, 2, 3, 1)
+        assert torch.equal(per_site[visible], normed[visible])
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "convnextv2_atto", "convnext_tiny"])

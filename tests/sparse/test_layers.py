@@ -16,6 +16,7 @@ from spark_me.sparse.layers import (
     SparseGRN,
     SparseLayerNorm,
     SparseLinear,
+    SparseMaxPool2d,
     add,
 )
 from spark_me.sparse.tensor import densify, sparsify, upsample_mask
@@ -160,3 +161,20 @@ def test_add_refuses_different_sites(case) -> None:
     b = sparsify(x, other, coordinate_manager=a.coordinate_manager)
     with pytest.raises(ValueError, match="different sites"):
         add(a, b)
+
+
+def test_max_pool_is_over_visible_sites_only(case) -> None:
+    """MaxPool2d(3, 2, 1) over the visible sites alone: with negative visible values next to masked
+    sites the answer is negative there, where the max over the zero-filled map would be 0."""
+    x, active = case
+    x = -(x.abs() + 0.1)  # every visible value < 0
+    got = densify(SparseMaxPool2d(3, 2)(sparsify(x, active)), (B, C, H // 2, W // 2))
+    keep_in, keep_out = upsample_mask(active, H, W), upsample_mask(active, H // 2, W // 2)
+    over_visible = F.max_pool2d(x.masked_fill(~keep_in, float("-inf")), 3, 2, padding=1)
+    zero_filled = F.max_pool2d(x * keep_in, 3, 2, padding=1)
+    assert torch.equal(got, torch.where(keep_out, over_visible, torch.zeros_like(got)))
+    assert bool((got[keep_out.expand_as(got)] < 0).all())
+    # the two maxima really differ here: visible output sites with a masked pixel in their window
+    border = keep_out & (F.max_pool2d((~keep_in).double(), 3, 2, padding=1) > 0)
+    assert border.any()
+    assert bool((zero_filled[border.expand_as(got)] == 0).all())
