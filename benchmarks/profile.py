@@ -6,7 +6,8 @@ Three views, written to profile-<arch>.txt:
 1. stages of the forward (record_function labels in SparK: encode, densify, decode, loss), and
    forward + backward of the whole step, from torch.profiler;
 2. the top operators (forward and autograd backward nodes, e.g. MinkowskiConvolutionFunctionBackward);
-3. the cost of building coordinate and kernel maps: the same sparse encoder forward on a fresh
+3. the sparse encoder alone (forward + backward) and the dataflow its tuner chose per op;
+4. the cost of building coordinate and kernel maps: the same sparse encoder forward on a fresh
    coordinate manager (maps built) vs on the manager of the previous call (maps reused).
 """
 
@@ -58,6 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60)
     stages = {e.key: e.cpu_time_total / 1e3 for e in prof.key_averages() if e.key.startswith("spark.")}
 
+    def encoder_step() -> None:  # the sparse encoder alone, forward + backward
+        sum(f.F.sum() for f in model.encoder.forward_sparse(sparsify(images, active))).backward()
+
+    with profile(activities=activities) as prof_enc:
+        encoder_step()
+    encoder_table = prof_enc.key_averages().table(
+        sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60
+    )
+    flows = sorted({(op, flow) for _, op, flow in model.encoder.dataflow_table()})
+
     encoder = model.encoder.eval()
 
     def fresh() -> None:  # new coordinate manager: coordinate and kernel maps are built
@@ -85,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         f"({max(t_fresh - t_reused, 0) / step_s:.0%} of the step)",
         "",
         table,
+        "",
+        "sparse encoder alone, forward + backward (train mode):",
+        encoder_table,
+        "",
+        "dataflows (op: dataflow): " + "; ".join(f"{op}: {flow}" for op, flow in flows),
     ]
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"profile-{args.arch}.txt"

@@ -262,5 +262,9 @@ def test_fp16_run_uses_and_resumes_the_grad_scaler(tmp_path: Path) -> None:
     assert run(tmp_path, "--epochs", "2", "--amp", "--amp_dtype", "fp16") == 0
     second = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["scaler"]
     assert second["scale"] <= first["scale"]
-    assert second["scale"] < first["scale"] or second["_growth_tracker"] == first["_growth_tracker"] + 4
-    assert all(math.isfinite(r["train_loss"]) for r in read_log(tmp_path))
+    rows = read_log(tmp_path)
+    steps_in_epoch_2 = rows[1]["step"] - rows[0]["step"]
+    assert steps_in_epoch_2 > 0
+    tracked = second["_growth_tracker"] == first["_growth_tracker"] + steps_in_epoch_2
+    assert second["scale"] < first["scale"] or tracked
+    assert all(math.isfinite(r["train_loss"]) for r in rows)
