@@ -176,6 +176,26 @@ def compare_steps(
     }  # fmt: skip
 
 
+def describe(row: dict) -> str:
+    """One log line's worth of a `compare` or `compare_steps` row."""
+    if "step_seconds" in row:
+        s = row["step_seconds"]
+        return (
+            f"step sparse {s['sparse']:.2f} s  masked-dense {s['masked_dense']:.2f} s"
+            f"  dense {s['dense']:.2f} s"
+            f"  sparse vs masked-dense x{row['step_sparse_vs_masked_dense']:.2f}"
+            f"  vs dense x{row['step_sparse_vs_dense']:.2f}"
+        )
+    s, mib = row["seconds"], row["saved_for_backward_mib"]
+    return (
+        f"sparse {s['sparse']:.3f} s  masked-dense {s['masked_dense']:.3f} s  dense {s['dense']:.3f} s"
+        f"  sparse vs masked-dense x{row['sparse_vs_masked_dense']:.2f}"
+        f"  vs dense x{row['sparse_vs_dense']:.2f}"
+        f"  saved activations x{row['memory_vs_masked_dense']:.2f}"
+        f" ({mib['sparse']:.0f} / {mib['masked_dense']:.0f} MiB)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archs", nargs="+", default=["resnet50", "convnext_tiny"])
@@ -200,34 +220,15 @@ def main(argv: list[str] | None = None) -> int:
             for ratio in args.ratios:
                 if args.step:
                     row = compare_steps(arch, ratio, args.batch_size, args.size, amp, args.repeats, device)
-                    rows.append(row)
-                    s = row["step_seconds"]
-                    log.info(
-                        "%-15s amp %-4s mask %.2f: step sparse %.2f s  masked-dense %.2f s  dense %.2f s  "
-                        "sparse vs masked-dense x%.2f  vs dense x%.2f",
-                        arch, amp, ratio, s["sparse"], s["masked_dense"], s["dense"],
-                        row["step_sparse_vs_masked_dense"], row["step_sparse_vs_dense"],
-                    )  # fmt: skip
-                    if args.out:
-                        args.out.parent.mkdir(parents=True, exist_ok=True)
-                        args.out.write_text(json.dumps(rows, indent=1))
-                    continue
-                row = compare(
-                    arch, ratio, args.batch_size, args.size, amp, args.repeats, device, args.dataflow
-                )
+                else:
+                    row = compare(
+                        arch, ratio, args.batch_size, args.size, amp, args.repeats, device, args.dataflow
+                    )
                 rows.append(row)
-                s = row["seconds"]
-                log.info(
-                    "%-15s amp %-4s mask %.2f: sparse %.3f s  masked-dense %.3f s  dense %.3f s  "
-                    "sparse vs masked-dense x%.2f  vs dense x%.2f  saved activations x%.2f (%.0f / %.0f MiB)",
-                    arch, amp, ratio, s["sparse"], s["masked_dense"], s["dense"],
-                    row["sparse_vs_masked_dense"], row["sparse_vs_dense"], row["memory_vs_masked_dense"],
-                    row["saved_for_backward_mib"]["sparse"], row["saved_for_backward_mib"]["masked_dense"],
-                )  # fmt: skip
-                if args.layers:
-                    for name, op, flow in row["dataflows"]:
-                        log.info("    %-32s %-28s %s", name, op, flow)
-                if args.out:
+                log.info("%-15s amp %-4s mask %.2f: %s", arch, amp, ratio, describe(row))
+                for name, op, flow in row.get("dataflows", []) if args.layers else []:
+                    log.info("    %-32s %-28s %s", name, op, flow)
+                if args.out:  # after every row: partial results survive an interruption
                     args.out.parent.mkdir(parents=True, exist_ok=True)
                     args.out.write_text(json.dumps(rows, indent=1))
     if args.out and not args.step:
