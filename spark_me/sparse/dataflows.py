@@ -84,11 +84,14 @@ class _Flow:
 
 
 class _ConvKernel(_Flow):
-    """The dense kernel is `F.conv2d` over NCHW maps; its backward is aten's convolution_backward."""
+    """The dense kernel is `F.conv2d` (or `F.max_pool2d`) over NCHW maps; a conv's backward is aten's
+    convolution_backward (max-pool, weightless, runs on plain autograd)."""
 
     padding = 0
 
-    def kernel(self, g: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def kernel(self, g: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        if self.op.kind == "maxpool":
+            return F.max_pool2d(g, self.op.kernel_size, self.op.stride, self.padding)
         return F.conv2d(g, weight, bias, self.op.stride, self.padding, 1, self.op.groups)
 
     def kernel_maps_backward(self, grad: Tensor, g: Tensor, weight: Tensor, needs) -> tuple:
@@ -106,7 +109,8 @@ class _Block(_ConvKernel):
         if h == 0:
             return _as_maps(feats, src.num_cells, src.block)
         index = src.halo_index(h)
-        return _as_maps(_padded(feats, 0.0).index_select(0, index.view(-1)), src.num_cells, index.shape[1])
+        rows = _padded(feats, self.op.fill).index_select(0, index.view(-1))
+        return _as_maps(rows, src.num_cells, index.shape[1])
 
     def gather_backward(self, grad: Tensor, rows: int) -> Tensor:
         grad = grad.permute(0, 2, 3, 1)
@@ -128,15 +132,15 @@ class _Dense(_ConvKernel):
     def padding(self) -> int:  # type: ignore[override]
         return self.op.halo
 
-    def _map(self, layout: BlockLayout, rows: Tensor) -> Tensor:
+    def _map(self, layout: BlockLayout, rows: Tensor, fill: float = 0.0) -> Tensor:
         batch = layout.geometry.active.shape[0]
         height, width = layout.dense_hw
-        canvas = rows.new_zeros(batch * height * width, rows.shape[1])
-        canvas.index_copy_(0, layout.dense_index(), rows)
+        canvas = rows.new_full((batch * height * width, rows.shape[1]), fill)
+        canvas = canvas.index_copy(0, layout.dense_index(), rows)
         return canvas.view(batch, height, width, -1).permute(0, 3, 1, 2)
 
     def gather(self, feats: Tensor) -> Tensor:
-        return self._map(self.src, feats)
+        return self._map(self.src, feats, self.op.fill)
 
     def gather_backward(self, grad: Tensor, rows: int) -> Tensor:
         return _as_rows(grad).index_select(0, self.src.dense_index())
@@ -200,35 +204,12 @@ class _Gathered(torch.autograd.Function):
 
 
 def _run_flow(flow: type[_Flow], op: SparseOp, x: ME.SparseTensor, src, dst, weight, bias) -> Tensor:
-    if op.kind == "maxpool":  # no weights: plain autograd (one pool per network, at the stem)
-        return _maxpool(flow(op, src, dst), x.F)
+    f = flow(op, src, dst)
+    if op.kind == "maxpool":  # weightless, one per network (the stem): plain autograd
+        return f.kernel(f.gather(x.F), None, None)
     dtype = compute_dtype(x.F, op)
-    return _Gathered.apply(
-        x.F.to(dtype).contiguous(),
-        weight.to(dtype),
-        bias.to(dtype) if bias is not None else None,
-        flow(op, src, dst),
-    )
-
-
-def _maxpool(flow: _Flow, feats: Tensor) -> Tensor:
-    """Max over visible sites only: masked neighbours hold -inf (the block halo / the densified map)."""
-    op = flow.op
-    if isinstance(flow, _Block):
-        index = flow.src.halo_index(op.halo)
-        g = _as_maps(
-            _padded(feats, float("-inf")).index_select(0, index.view(-1)), flow.src.num_cells, index.shape[1]
-        )
-        return _as_rows(F.max_pool2d(g, op.kernel_size, op.stride, 0))
-    layout = flow.src
-    batch = layout.geometry.active.shape[0]
-    height, width = layout.dense_hw
-    canvas = feats.new_full((batch * height * width, feats.shape[1]), float("-inf"))
-    canvas = (
-        canvas.index_copy(0, layout.dense_index(), feats).view(batch, height, width, -1).permute(0, 3, 1, 2)
-    )
-    y = F.max_pool2d(canvas, op.kernel_size, op.stride, op.halo)
-    return _as_rows(y).index_select(0, flow.dst.dense_index())
+    bias = bias.to(dtype) if bias is not None else None
+    return _Gathered.apply(x.F.to(dtype).contiguous(), weight.to(dtype), bias, f)
 
 
 def block(op: SparseOp, x: ME.SparseTensor, src: BlockLayout, dst: BlockLayout, weight, bias) -> Tensor:
