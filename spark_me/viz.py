@@ -27,8 +27,16 @@ def reconstruction_grid(model, images: Tensor, active: Tensor | None = None) -> 
     return torch.stack(rows, dim=1).flatten(0, 1)
 
 
-def save_reconstructions(model, images: Tensor, path: Path, active: Tensor | None = None) -> Path:
+def save_reconstructions(
+    model, images: Tensor, path: Path, active: Tensor | None = None, min_side: int = 192
+) -> Path:
+    """Writes the grid as PNG; small crops (a 96-px demo) are enlarged, pixels kept square and sharp,
+    to at least `min_side` px so that a person can see what the masked cells were filled with."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(reconstruction_grid(model, images, active), path, nrow=4, padding=2, pad_value=1.0)
+    grid = reconstruction_grid(model, images, active)
+    scale = -(-min_side // grid.shape[-1])
+    if scale > 1:
+        grid = torch.nn.functional.interpolate(grid, scale_factor=scale, mode="nearest")
+    save_image(grid, path, nrow=4, padding=2, pad_value=1.0)
     return path

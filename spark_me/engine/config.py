@@ -9,6 +9,7 @@ explicitly still wins. Impossible values are rejected here, before any data or m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ class PretrainConfig:
     # data
     data_path: str | None = None
     num_workers: int = 8
+    repeat: int = 1  # each epoch shows every image this many times (fresh crop and mask each time)
     val_path: str | None = None  # held-out images; None: the held-out photographs when data_path is None
     val_every: int = 1  # epochs between validation losses (0: never)
     # optimisation (SparK recipe)
@@ -54,7 +56,7 @@ class PretrainConfig:
     # bookkeeping
     output_dir: str = "output"
     log_dir: str | None = None  # tensorboard; default: output_dir/tb
-    save_every: int = 50  # also keep checkpoint-{epoch}.pth every N epochs
+    save_every: int = 50  # also keep checkpoint-{epoch}.pth every N epochs (0: only checkpoint-last)
     keep_last: int = 3
     resume: str | None = None
     auto_resume: bool = True
@@ -86,18 +88,20 @@ DROP_PATH = {
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # the zero-argument run: 12 photographs (4 more held out), a ResNet-18 at 128 px, ~3 min on 2 CPU cores
+    # the zero-argument run: 12 photographs (4 more held out), a ResNet-18 at 96 px, 576 steps of 8
+    # crops, about 5 min on 2 CPU cores; its masked-patch loss falls from 1.0 (patch means) to ~0.65
     "demo": dict(
         arch="resnet18",
-        input_size=128,
+        input_size=96,
         batch_size=8,
-        epochs=60,
-        warmup_epochs=5,
+        repeat=16,  # 24 steps an epoch
+        epochs=24,
+        warmup_epochs=2,
         blr=0.15,
         decoder_width=256,
         num_workers=0,
-        save_every=20,
-        recon_every=10,
+        save_every=0,  # checkpoint-last.pth and timm-last.pth only
+        recon_every=4,
     ),
 }
 
@@ -123,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--input_size", type=int, help="crop size, a multiple of 32")
     add("--data_path", help="folder of images (flat or ImageFolder tree); default: the embedded photographs")
     add("--num_workers", type=int)
+    add(
+        "--repeat",
+        type=int,
+        help="show each image N times per epoch, each with its own crop and mask: for small folders, "
+        "so that an epoch (log line, validation, checkpoint) is more than a step or two",
+    )
     add(
         "--val_path",
         help="folder of held-out images for the validation loss (centre crops, fixed masks); "
@@ -166,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--output_dir")
     add("--log_dir")
-    add("--save_every", type=int)
+    add("--save_every", type=int, help="keep checkpoint-NNNN.pth every N epochs (0: checkpoint-last only)")
     add("--keep_last", type=int)
     add("--resume", help="full checkpoint to continue from (model, optimiser, schedule, epoch)")
     add("--auto_resume", action=argparse.BooleanOptionalAction, default=None, help="resume from output_dir")
@@ -188,6 +198,7 @@ def resolve(argv: list[str] | None = None) -> PretrainConfig:
         unknown = set(from_file) - {f.name for f in dataclasses.fields(PretrainConfig)}
         if unknown:
             raise ValueError(f"unknown option(s) in {args.config}: {', '.join(sorted(unknown))}")
+        from_file = read_yaml_floats(from_file)
     merged = {**from_file, **given}
     preset = merged.get("preset") or (None if merged.get("data_path") else "demo")
     values = {**PRESETS.get(preset, {}), **merged, "preset": preset}
@@ -196,12 +207,25 @@ def resolve(argv: list[str] | None = None) -> PretrainConfig:
     return validate(PretrainConfig(**values))
 
 
+def read_yaml_floats(values: dict[str, Any]) -> dict[str, Any]:
+    """PyYAML follows YAML 1.1, where `1e-3` (no dot) is a string, not a number; a user who writes
+    `lr: 1e-3` means the number, so float options take any string that Python reads as a float."""
+    floats = {f.name for f in dataclasses.fields(PretrainConfig) if f.type.startswith("float")}
+    out = dict(values)
+    for name in floats & set(values):
+        if isinstance(values[name], str):
+            with contextlib.suppress(ValueError):  # else left as it is: type_problems names it
+                out[name] = float(values[name])
+    return out
+
+
 # option -> smallest allowed value; checked when the config is read, before any model or data
 AT_LEAST = {
     "batch_size": 1,
     "accum_iter": 1,
     "epochs": 1,
-    "save_every": 1,
+    "save_every": 0,
+    "repeat": 1,
     "recon_every": 1,
     "warmup_epochs": 0,
     "num_workers": 0,

@@ -69,6 +69,12 @@ class Validation:
         """Whether to evaluate after 0-based `epoch`."""
         return (epoch + 1) % self.every == 0 or epoch + 1 == self.epochs
 
+    def pictures(self, count: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The first `count` held-out images [n, 3, H, W] and their fixed masks [n, H/32, W/32]."""
+        dataset = self.loader.dataset
+        images = torch.stack([dataset[i] for i in range(min(count, len(dataset)))])
+        return images.to(device), self.masks[: len(images)].to(device)
+
     @torch.no_grad()
     def loss(self, model: SparK, amp: AbstractContextManager | None = None) -> float:
         """Masked-patch loss over all held-out images (eval mode; the model's mode is restored).

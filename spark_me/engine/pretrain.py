@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import converters
@@ -51,12 +51,14 @@ def build_model(cfg: PretrainConfig, dataflow_cache: Path | None = None) -> Spar
 
 
 def build_loader(cfg: PretrainConfig, env: DistEnv) -> tuple[DataLoader, DistributedSampler]:
-    dataset = ImageFiles(cfg.data_path, pretrain_transform(cfg.input_size))
+    # the embedded photographs are few: decode them once instead of at every step
+    images = ImageFiles(cfg.data_path, pretrain_transform(cfg.input_size), keep_decoded=cfg.data_path is None)
+    dataset = ConcatDataset([images] * cfg.repeat) if cfg.repeat > 1 else images
     global_batch = cfg.batch_size * env.world_size
     if len(dataset) < global_batch:
         raise ValueError(
-            f"{len(dataset)} images is fewer than one batch ({cfg.batch_size} x {env.world_size} processes); "
-            "lower --batch_size"
+            f"{len(images)} images x {cfg.repeat} repeat(s) is fewer than one batch ({cfg.batch_size} x "
+            f"{env.world_size} processes); lower --batch_size or raise --repeat"
         )
     sampler = DistributedSampler(
         dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=cfg.seed, drop_last=True
@@ -77,6 +79,24 @@ def picture_batch(cfg: PretrainConfig, count: int = 4) -> torch.Tensor:
     """Fixed images for the reconstruction pictures (the same every epoch)."""
     dataset = ImageFiles(cfg.data_path, eval_transform(cfg.input_size))
     return torch.stack([dataset[i] for i in range(min(count, len(dataset)))])
+
+
+def save_pictures(
+    model: SparK, output: Path, epoch: int, pictures: torch.Tensor, validation, seed: int
+) -> None:
+    """reconstruction-last.png (training photographs) and, with a validation set,
+    reconstruction-val-last.png (held-out ones, their fixed validation masks), each also kept as
+    reconstructions/[val-]epoch-NNNN.png so that a run's progress can be seen picture by picture."""
+    model.eval()
+    gen = torch.Generator(device=pictures.device).manual_seed(seed)
+    sets = {"": (pictures, model.mask(pictures, generator=gen))}
+    if validation is not None:
+        sets["val-"] = validation.pictures(len(pictures), pictures.device)
+    for prefix, (images, active) in sets.items():
+        numbered = output / "reconstructions" / f"{prefix}epoch-{epoch:04d}.png"
+        save_reconstructions(model, images, numbered, active)
+        save_reconstructions(model, images, output / f"reconstruction-{prefix}last.png", active)
+    model.train()
 
 
 def log_epoch_losses(writer, stats: dict) -> None:
@@ -207,7 +227,12 @@ def _run(cfg: PretrainConfig, env: DistEnv, output: Path) -> int:
         env.world_size,
     )
     log.info(
-        "%s, %d images, %d steps/epoch, %d epochs", cfg.arch, len(loader.dataset), steps_per_epoch, cfg.epochs
+        "%s, %d images (x%d per epoch), %d steps/epoch, %d epochs",
+        cfg.arch,
+        len(loader.dataset) // cfg.repeat,
+        cfg.repeat,
+        steps_per_epoch,
+        cfg.epochs,
     )
 
     # -- resume ---------------------------------------------------------------------------------
@@ -272,16 +297,10 @@ def _run(cfg: PretrainConfig, env: DistEnv, output: Path) -> int:
             "step": step,
             "config": cfg.to_dict(),
         }
-        numbered = (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs
+        numbered = cfg.save_every > 0 and ((epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs)
         checkpoint.save(output, state, epoch + 1, numbered, cfg.keep_last)
         if (epoch + 1) % cfg.recon_every == 0 or epoch + 1 == cfg.epochs:
-            model.eval()
-            gen = torch.Generator(device=env.device).manual_seed(cfg.seed)
-            active = model.mask(pictures, generator=gen)
-            save_reconstructions(
-                model, pictures, output / "reconstructions" / f"epoch-{epoch + 1:04d}.png", active
-            )
-            save_reconstructions(model, pictures, output / "reconstruction-last.png", active)
+            save_pictures(model, output, epoch + 1, pictures, validation, cfg.seed)
         eta = elapsed / done * (cfg.epochs - epoch - 1)
         log.info(
             "epoch %d/%d  loss %.4f  lr %.2e  (%.1f s, ETA %.0f s)",

@@ -53,7 +53,7 @@ def test_bad_values_in_a_yaml_file_too(tmp_path: Path) -> None:
 
 def test_wrong_types_in_a_yaml_file(tmp_path: Path) -> None:
     cfg_file = tmp_path / "cfg.yaml"
-    cfg_file.write_text("batch_size: eight\nmask_ratio: [0.5]\nlr: 1e-3\nepochs: 2.5\n")
+    cfg_file.write_text("batch_size: eight\nmask_ratio: [0.5]\nlr: fast\nepochs: 2.5\n")
     with pytest.raises(ValueError) as exc:
         resolve(["--config", str(cfg_file)])
     message = str(exc.value)
@@ -61,7 +61,15 @@ def test_wrong_types_in_a_yaml_file(tmp_path: Path) -> None:
         "--batch_size 'eight': must be an integer" in message
         and "--mask_ratio [0.5]: must be a number" in message
     )
-    assert "--epochs 2.5: must be an integer" in message and "--lr" in message  # YAML reads 1e-3 as a string
+    assert "--epochs 2.5: must be an integer" in message and "--lr 'fast': must be a number" in message
+
+
+def test_exponent_numbers_in_a_yaml_file_are_numbers(tmp_path: Path) -> None:
+    # PyYAML (YAML 1.1) reads 1e-3 without a dot as the string "1e-3"
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text("lr: 1e-3\nmin_lr: 1E-6\nblr: 2.0e-4\n")
+    cfg = resolve(["--config", str(cfg_file)])
+    assert (cfg.lr, cfg.min_lr, cfg.blr) == (1e-3, 1e-6, 2e-4)
 
 
 def test_edge_values_are_accepted() -> None:

@@ -56,6 +56,9 @@ def test_run_writes_checkpoint_export_pictures_logs(tmp_path: Path) -> None:
         "checkpoint-0002.pth",
         "timm-0002.pth",
         "reconstruction-last.png",
+        "reconstruction-val-last.png",
+        "reconstructions/epoch-0002.png",
+        "reconstructions/val-epoch-0002.png",
         "config.yaml",
         "log.txt",
     ):
@@ -84,6 +87,20 @@ def test_extending_a_finished_run(tmp_path: Path) -> None:
     assert run(tmp_path, "--epochs", "1", "--save_every", "100") == 0
     assert run(tmp_path, "--epochs", "3") == 0
     assert [r["step"] for r in read_log(tmp_path)] == [3, 6, 9]
+
+
+def test_repeat_and_last_checkpoint_only(tmp_path: Path) -> None:
+    """--repeat 2 shows the 12 photographs twice an epoch (6 steps of 4); --save_every 0 keeps no
+    numbered copies, not even of the last epoch (the demo's output folder stays small)."""
+    assert run(tmp_path, "--epochs", "1", "--repeat", "2", "--save_every", "0") == 0
+    assert [r["step"] for r in read_log(tmp_path)] == [6]
+    assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["checkpoint-last.pth", "timm-last.pth"]
+
+
+def test_a_batch_larger_than_the_repeated_data_is_refused(tmp_path: Path, caplog) -> None:
+    assert run(tmp_path, "--batch_size", "25", "--repeat", "2") == 1
+    assert "12 images x 2 repeat(s) is fewer than one batch (25 x 1 processes)" in caplog.text
+    assert run(tmp_path, "--batch_size", "24", "--repeat", "2", "--epochs", "1") == 0
 
 
 def flat(state: dict, keys: list[str]) -> torch.Tensor:
