@@ -238,12 +238,14 @@ def make_bundle(
         raise BuildError(f"--torch must be 'system' or 'pinned', not {torch!r}")
     if not re.fullmatch(r"3\.\d+", python_version):
         raise BuildError(f"--python-version must look like 3.12, not {python_version!r}")
+    if dest.exists() and not dest.is_dir():
+        raise BuildError(f"{dest} is a file, not a folder for a bundle")
     if dest.exists() and any(dest.iterdir()) and not (dest / MANIFEST).exists():
         raise BuildError(f"{dest} exists, is not empty and is not a bundle: choose another folder")
+    reqs = requirements(extras, with_detectron2, torch)  # before anything is removed
     shutil.rmtree(dest, ignore_errors=True)
     wheels = dest / "wheels"
     wheels.mkdir(parents=True)
-    reqs = requirements(extras, with_detectron2, torch)
     with tempfile.TemporaryDirectory(prefix="spark-me-bundle-") as tmp:
         work = Path(tmp)
         links = work / "links"
@@ -386,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except subprocess.CalledProcessError as err:
         log.error("error: %s failed (exit %d)", " ".join(map(str, err.cmd[:6])), err.returncode)
+        return 1
+    except OSError as err:  # e.g. no space left, a download cut off
+        log.error("error: %s", err)
         return 1
     return 0
 

@@ -233,3 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = all(p["status"] == "passed" for p in run.phases)
     log.info("gpu-check %s in %.1f min: %s", "passed" if ok else "FAILED", run.elapsed() / 60, out / "summary.md")
     return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -193,3 +193,23 @@ def test_a_bundle_for_another_python_or_without_torch_is_refused(
     (other / bundle.MANIFEST).write_text(json.dumps({**manifest, "files": [], "python_version": "3.99"}))
     with pytest.raises(BuildError, match="is for Python 3.99"):
         bootstrap.open_bundle(bootstrap.Install(offline=other, system_torch=True))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["{file}"], "is a file, not a folder"),
+        (["{full}"], "is not empty and is not a bundle"),
+        (["{new}", "--python-version", "3"], "must look like 3.12"),
+        (["{new}", "--extras", "gpu"], "unknown extra 'gpu'"),
+    ],
+)
+def test_bad_bundle_arguments_are_one_line_errors(tmp_path: Path, caplog, args, message) -> None:
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    paths = {k: str(tmp_path / k) for k in ("file", "full", "new")}
+    assert bundle.main([a.format(**paths) for a in args]) == 1
+    (record,) = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert message in record.getMessage() and "\n" not in record.getMessage()
+    assert (tmp_path / "full" / "notes.txt").read_text() == "mine"  # never emptied
