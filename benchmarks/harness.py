@@ -283,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        log.error("error: --device %s, but torch %s sees no CUDA GPU", args.device, torch.__version__)
+        return 2
     args.batch_size = args.batch_size or (32 if args.device.startswith("cuda") else 4)
     if args.one:  # child process: one configuration, JSON on stdout
         cfg = json.loads(args.one)

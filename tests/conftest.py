@@ -16,18 +16,13 @@ def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
 
 
-def available_devices() -> list[str]:
-    """CPU always; CUDA when torch sees a GPU *and* MinkowskiEngine was built with CUDA."""
-    devices = ["cpu"]
-    if torch.cuda.is_available():
-        import MinkowskiEngine as ME
-
-        if ME.is_cuda_available():
-            devices.append("cuda")
-    return devices
+def available_devices() -> list:
+    """CPU, and CUDA marked `cuda`: deselected by default (addopts `-m "not cuda"`), selected by
+    `pytest -m cuda` (gpu-check), where it fails rather than skips if the GPU or ME's CUDA is absent."""
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """A `device` argument runs the test on every available device (no CUDA ids on CPU machines)."""
+    """A `device` argument runs the test on the CPU, and on CUDA when `-m cuda` selects it."""
     if "device" in metafunc.fixturenames:
         metafunc.parametrize("device", available_devices())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -140,12 +141,12 @@ def test_dependency_stamp(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     ],
 )
 def test_exit_codes(monkeypatch: pytest.MonkeyPatch, error, code: int) -> None:
-    def setup(with_detectron2=False):
+    def setup(with_detectron2=False, install=bootstrap.ONLINE, need_detectron2=False):
         if error is not None:
             raise error
 
     monkeypatch.setattr(bootstrap, "setup", setup)
-    monkeypatch.setattr(bootstrap, "run_in_venv", lambda args: 7)
+    monkeypatch.setattr(bootstrap, "run_in_venv", lambda args, install=bootstrap.ONLINE: 7)
     assert bootstrap.main(["pretrain", "--epochs", "1"]) == code
 
 
@@ -154,9 +155,9 @@ def test_test_command_makes_detectron2_mandatory(monkeypatch: pytest.MonkeyPatch
     detection tests then fail instead of skipping without it); pretraining needs neither."""
     monkeypatch.setenv("SPARK_ME_REQUIRE_DETECTRON2", "unset-by-test")  # restored afterwards
     setups, jobs = [], []
-    monkeypatch.setattr(bootstrap, "setup", lambda with_detectron2=False: setups.append(with_detectron2))
+    monkeypatch.setattr(bootstrap, "setup", lambda with_detectron2=False, **_: setups.append(with_detectron2))
 
-    def run_in_venv(args):
+    def run_in_venv(args, install=bootstrap.ONLINE):
         jobs.append((args, os.environ.get("SPARK_ME_REQUIRE_DETECTRON2")))
         return 0
 
@@ -170,7 +171,79 @@ def test_test_command_makes_detectron2_mandatory(monkeypatch: pytest.MonkeyPatch
 
 def test_setup_without_detectron2_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    monkeypatch.setattr(bootstrap, "setup", lambda with_detectron2=False: calls.append(with_detectron2))
+    monkeypatch.setattr(bootstrap, "setup", lambda with_detectron2=False, **_: calls.append(with_detectron2))
     assert bootstrap.main(["setup", "--no-detectron2"]) == 0
     assert bootstrap.main(["setup"]) == 0
     assert calls == [False, True]
+
+
+def test_install_options_leave_the_jobs_arguments(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    seen = []
+    monkeypatch.setattr(
+        bootstrap, "setup", lambda with_detectron2=False, install=None, **_: seen.append(install)
+    )
+    monkeypatch.setattr(bootstrap, "run_in_venv", lambda args, install=None: seen.append(args) or 0)
+    args = ["pretrain", "--epochs", "1", "--offline", str(tmp_path), "--system-torch", "--no-venv"]
+    assert bootstrap.main(args) == 0
+    assert seen == [
+        bootstrap.Install(tmp_path.resolve(), True, True),
+        ["-m", "spark_me.cli", "pretrain", "--epochs", "1"],
+    ]
+
+
+@pytest.mark.parametrize("args", [["setup", "--no-venv"], ["setup", "--offline"]])
+def test_bad_install_options_are_one_line_errors(args, caplog: pytest.LogCaptureFixture) -> None:
+    assert bootstrap.main(args) == 2
+    (record,) = caplog.records
+    assert record.getMessage().startswith("error: --") and "\n" not in record.getMessage()
+
+
+@pytest.mark.parametrize(
+    ("version", "ok"),
+    [
+        ("2.14.1", True),
+        ("2.11.0", True),
+        ("2.4.0", True),
+        ("2.3.1", False),
+        ("2.15.0", False),
+        ("3.0", False),
+    ],
+)
+def test_supported_torch_range(version: str, ok: bool) -> None:
+    if ok:
+        bootstrap.check_torch_range(version, "python")
+    else:
+        with pytest.raises(BuildError, match=r"outside the supported range >=2\.4,<2\.15"):
+            bootstrap.check_torch_range(version, "python")
+
+
+def test_unsupported_system_torch_is_refused_before_anything_is_made(tmp_path) -> None:
+    """A real interpreter whose torch is 2.3: one line on stderr, exit 1, no venv, no traceback."""
+    fake = tmp_path / "fake"
+    (fake / "torch").mkdir(parents=True)
+    (fake / "torch" / "__init__.py").write_text("__version__ = '2.3.1'\n")
+    (fake / "torch-2.3.1.dist-info").mkdir()
+    (fake / "torch-2.3.1.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: torch\nVersion: 2.3.1\n"
+    )
+    env = dict(os.environ, PYTHONPATH=f"{fake}:{bootstrap.ROOT}", SPARK_ME_VENV=str(tmp_path / "venv"))
+    cmd = [sys.executable, "-m", "spark_me.bootstrap", "setup", "--system-torch"]
+    out = subprocess.run(cmd, cwd=bootstrap.ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"[spark-me] error: torch 2.3.1 in {sys.executable} is outside the supported range >=2.4,<2.15: "
+        "use an interpreter with a supported torch, or drop --system-torch for the pinned one"
+    ]
+    assert not (tmp_path / "venv").exists()
+
+
+def test_system_torch_extras_drop_the_pin_and_a_bundle_limits_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bootstrap, "EXTRAS", "pinned,build,dev")
+    monkeypatch.delenv("SPARK_ME_EXTRAS", raising=False)
+    system = bootstrap.Install(system_torch=True)
+    assert bootstrap.effective_extras(system, None) == "build,dev"
+    manifest = {"extras": ["build"], "torch": "system"}
+    assert bootstrap.effective_extras(system, manifest) == "build"  # the bundle's, by default
+    monkeypatch.setenv("SPARK_ME_EXTRAS", "build,dev")
+    with pytest.raises(BuildError, match="no extra dev"):
+        bootstrap.effective_extras(system, manifest)

@@ -128,14 +128,20 @@ def installed_version(python: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def ensure_detectron2(python: str) -> None:
-    """Make `import detectron2` work in `python` (a pip install of the cached repacked wheel)."""
+def ensure_detectron2(
+    python: str, wheel: Path | None = None, pip_options: tuple[str, ...] = (), env: dict | None = None
+) -> None:
+    """Make `import detectron2` work in `python` (a pip install of the cached repacked wheel).
+
+    `wheel`, `pip_options`, `env`: an offline bundle's copy of the wheel and the pip settings that
+    keep pip on the bundle (no index)."""
     if installed_version(python) == VERSION:
         log.info("Detectron2 %s already installed", VERSION)
         return
-    wheel = ensure_wheel()
+    wheel = wheel or ensure_wheel()
     log.info("installing Detectron2 %s and its dependencies into %s", VERSION, python)
-    subprocess.run([python, "-m", "pip", "install", "--quiet", str(wheel)], check=True)
+    cmd = [python, "-m", "pip", "install", "--quiet", *pip_options, str(wheel)]
+    subprocess.run(cmd, check=True, env=env)
     check = subprocess.run(
         [python, "-c", "import detectron2.model_zoo, detectron2.modeling; print(detectron2.__file__)"],
         capture_output=True,

@@ -70,3 +70,13 @@ def test_variants_compute_the_same_loss(gen, arch: str) -> None:
     images = torch.randn(2, 3, 64, 64, generator=gen)
     active = spark_me.random_mask(2, 64, 64, 0.5, generator=gen)
     assert float(sparse(images, active)) == pytest.approx(float(dense(images, active)), rel=1e-4)
+
+
+def test_cuda_without_a_gpu_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
+    assert main(["--device", "cuda", "--out", str(tmp_path / "out")]) == 2
+    assert "sees no CUDA GPU" in caplog.text and not (tmp_path / "out").exists()

@@ -26,8 +26,16 @@ def test_dockerfile_passes_hadolint() -> None:
 
 def test_dockerfile_uses_the_projects_build_steps() -> None:
     text = (DOCKER / "Dockerfile").read_text()
-    assert "python3 -m spark_me.bootstrap setup --no-detectron2" in text
-    assert "-m spark_me._build.detectron2 --python /opt/venv/bin/python" in text
+    # the offline mechanism of clusters without internet: a bundle layer, then a network-less install
+    bundle = "/opt/venv/bin/python -m spark_me.bootstrap bundle /opt/bundle --torch system --extras build"
+    assert bundle in text
+    setup = "RUN --network=none "
+    assert (
+        setup in text and "-m spark_me.bootstrap setup --offline /opt/bundle --system-torch --no-venv" in text
+    )
+    assert (
+        text.index(bundle) < text.index("COPY spark_me ./spark_me") < text.index(setup)
+    )  # code: not in the bundle layer
     assert "SPARK_ME_CUDA=1" in text  # forces the CUDA build of ME without a GPU at build time
     assert f'TORCH_CUDA_ARCH_LIST="{minkowski.DEFAULT_ARCH_LIST}"' in text
     for source in re.findall(r"^COPY (?!--from)(\S+(?: \S+)*) \S+$", text, flags=re.M):

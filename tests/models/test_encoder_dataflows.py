@@ -21,24 +21,29 @@ def forward_backward(model, images, active):
     model.zero_grad()
     maps = model(images, active)
     probe = torch.Generator().manual_seed(5)
-    sum((m * torch.randn(m.shape, generator=probe, dtype=m.dtype)).sum() for m in maps).backward()
+    sum(
+        (m * torch.randn(m.shape, generator=probe, dtype=m.dtype).to(m.device)).sum() for m in maps
+    ).backward()
     return maps, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("case", ["0.75", "single"])
 @pytest.mark.parametrize("dataflow", DATAFLOWS)
 @pytest.mark.parametrize("arch", ["resnet50", "convnext_atto", "convnextv2_tiny"])
-def test_encoder_equals_reference_under_every_dataflow(pair_factory, gen, arch, dataflow, case) -> None:
+def test_encoder_equals_reference_under_every_dataflow(
+    pair_factory, gen, arch, dataflow, case, device
+) -> None:
     sparse, reference = pair_factory(arch)
     sparse.set_dataflow(dataflow)
-    sparse.double().train()
-    reference.double().train()
+    sparse.double().train().to(device)
+    reference.double().train().to(device)
     images = torch.randn(2, 3, 64, 160, generator=gen, dtype=torch.float64)
     if case == "single":
         active = torch.zeros(2, 2, 5, dtype=torch.bool)
         active[0, 1, 4] = active[1, 0, 1] = True
     else:
         active = mask_for(images, float(case), gen)
+    images, active = images.to(device), active.to(device)
     got, got_grads = forward_backward(sparse, images, active)
     ref, ref_grads = forward_backward(reference, images, active)
     assert_maps_equal(got, ref, sparse.channels, images, rtol=1e-10)
