@@ -14,6 +14,8 @@ The GPU nodes this project can use have no internet, bring their own torch and g
              in fp32 and in bf16 (each its own results JSON/CSV and plots).
 4. report    summary.json / summary.md (environment, phases, times) and results.csv of all rows.
 
+`--phases setup` then `--phases tests,bench-fp32,bench-bf16` splits the check over two commands (for
+runners that allow only minutes a command); the summary in DIR keeps the phases of earlier calls.
 A phase that fails does not stop the later ones (a test failure still leaves benchmark figures);
 a phase that would start after the time budget is recorded as not run. Exit 0 only when all passed.
 Refuses at once, before installing anything, when no GPU is visible. Standard library only.
@@ -42,6 +44,7 @@ BENCH_RATIOS = ("0", "0.6", "0.9")
 BENCH_AMPS = {"fp32": "none", "bf16": "bf16"}
 TEST_PATHS = ("tests/cuda", "tests/models", "tests/sparse")
 GIB_PER_COMPILE_JOB = 4  # nvcc on ME's larger .cu files
+PHASES = ("setup", "tests", *(f"bench-{label}" for label in BENCH_AMPS))
 
 
 def visible_gpu(python: str) -> dict | None:
@@ -175,14 +178,36 @@ def report(out: Path, run: Run, env: dict) -> bool:
         writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    summary = {"environment": env, "phases": run.phases, "total_seconds": round(run.elapsed(), 1)}
+    phases = earlier_phases(out, {p["name"] for p in run.phases}) + run.phases
+    summary = {"environment": env, "phases": phases, "total_seconds": round(run.elapsed(), 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     lines = ["# gpu-check", "", f"GPU: {env.get('gpu')}, torch {env.get('torch')}, CUDA {env.get('cuda')}", ""]
     lines += ["| phase | status | seconds |", "|---|---|---|"]
-    lines += [f"| {p['name']} | {p['status']} | {p['seconds']:.0f} |" for p in run.phases]
+    lines += [f"| {p['name']} | {p['status']} | {p['seconds']:.0f} |" for p in phases]
     lines += ["", f"total: {run.elapsed():.0f} s; benchmark rows: {len(rows)} (results.csv, bench-*/)"]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     return bool(rows)
+
+
+def earlier_phases(out: Path, rerun: set[str]) -> list[dict]:
+    """Phases that an earlier gpu-check call (--phases) recorded in out/summary.json and this one
+    did not run again, so that a check split over several commands ends with one summary."""
+    previous = out / "summary.json"
+    if not previous.exists():
+        return []
+    try:
+        phases = json.loads(previous.read_text()).get("phases", [])
+    except (OSError, ValueError):
+        return []
+    return [p for p in phases if p.get("name") not in rerun | {"report"}]
+
+
+def chosen_phases(text: str) -> list[str]:
+    chosen = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - set(PHASES))
+    if unknown or not chosen:
+        raise SystemExit(f"--phases {text!r}: choose from {', '.join(PHASES)} (comma-separated)")
+    return chosen
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,6 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-min", type=float, default=25, help="wall-clock budget (default 25)")
     parser.add_argument("--batch-size", type=int, default=32, help="benchmark batch (default 32)")
     parser.add_argument("--steps", type=int, default=5, help="timed benchmark steps per row (default 5)")
+    parser.add_argument(
+        "--phases",
+        default=",".join(PHASES),
+        help="run only these phases (comma-separated; default all): split the check over several "
+        "commands when one command may run only minutes; the summary keeps earlier calls' phases",
+    )
     logging.basicConfig(level=logging.INFO, format="[spark-me] %(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
         install, rest = bootstrap.parse_install_options(list(sys.argv[1:] if argv is None else argv))
@@ -204,6 +235,11 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", err)
         return 2
     args = parser.parse_args(rest)
+    try:
+        phases = chosen_phases(args.phases)
+    except SystemExit as err:
+        log.error("error: %s", err)
+        return 2
     probe_python = sys.executable if install.system_torch or install.no_venv else str(bootstrap.venv_python())
     gpu = visible_gpu(probe_python if Path(probe_python).exists() else sys.executable)
     if gpu is None:
@@ -217,12 +253,19 @@ def main(argv: list[str] | None = None) -> int:
     log.info("GPU: %s (sm %s, %d visible); output: %s", gpu["name"], gpu["capability"], gpu["count"], out)
     run = Run(out, args.budget_min * 60)
     state: dict = {}
-    ok = run.phase("setup", lambda: state.update(python=setup_phase(install, gpu, out)) or True)
+    if "setup" in phases:
+        run.phase("setup", lambda: state.update(python=setup_phase(install, gpu, out)) or True)
+    elif bootstrap.venv_python(install).exists():  # set up by an earlier call
+        state["python"] = str(bootstrap.venv_python(install))
+    else:
+        log.error("error: no environment at %s: run gpu-check --phases setup first", bootstrap.venv_python(install))
+        return 2
     python = state.get("python")
-    if python:
+    if python and "tests" in phases:
         run.phase("tests", lambda: run.command("tests", [python, "-m", "pytest", "-m", "cuda", "-q",
                   "-p", "no:cacheprovider", f"--junitxml={out / 'tests-junit.xml'}", *TEST_PATHS]))  # fmt: skip
-        for label, amp in BENCH_AMPS.items():
+    for label, amp in BENCH_AMPS.items():
+        if python and f"bench-{label}" in phases:
             cmd = [python, "-m", "spark_me.cli", "bench", "--device", "cuda", "--archs", *BENCH_ARCHS,
                    "--ratios", *BENCH_RATIOS, "--amp", amp, "--batch_size", str(args.batch_size),
                    "--steps", str(args.steps), "--out", str(out / f"bench-{label}")]  # fmt: skip

@@ -62,3 +62,26 @@ def test_report_joins_fp32_and_bf16_rows(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["phases"][0]["name"] == "tests" and summary["environment"]["gpu"] == "NVIDIA H100"
     assert "| tests | passed |" in (tmp_path / "summary.md").read_text()
+
+
+def test_a_check_split_over_calls_ends_with_one_summary(tmp_path: Path) -> None:
+    first = gpu_check.Run(tmp_path, budget_s=60)
+    first.phase("setup", lambda: True)
+    gpu_check.report(tmp_path, first, {"gpu": "NVIDIA H100"})
+    second = gpu_check.Run(tmp_path, budget_s=60)
+    second.phase("tests", lambda: False)
+    second.phase("report", lambda: True)
+    gpu_check.report(tmp_path, second, {"gpu": "NVIDIA H100"})
+    third = gpu_check.Run(tmp_path, budget_s=60)
+    third.phase("tests", lambda: True)  # re-run: replaces the failed entry
+    gpu_check.report(tmp_path, third, {"gpu": "NVIDIA H100"})
+    phases = json.loads((tmp_path / "summary.json").read_text())["phases"]
+    assert [(p["name"], p["status"]) for p in phases] == [("setup", "passed"), ("tests", "passed")]
+    assert "| setup | passed |" in (tmp_path / "summary.md").read_text()
+
+
+def test_phase_names_are_checked() -> None:
+    assert gpu_check.chosen_phases("tests, bench-bf16") == ["tests", "bench-bf16"]
+    for bad in ("tests,bench", ""):
+        with pytest.raises(SystemExit, match="choose from setup, tests, bench-fp32, bench-bf16"):
+            gpu_check.chosen_phases(bad)
