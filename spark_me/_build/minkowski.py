@@ -3,7 +3,9 @@
 ME exists on PyPI only as a 2021 source distribution that does not build on a modern stack as is.
 This module owns that step: fetch the sdist by name from the package index (hash-checked), apply
 this project's patch files, build a wheel once, and cache it outside the repo under a key made of
-(python tag, torch version, CUDA/arch, patch-set hash). A warm cache makes the step take seconds.
+(python tag, torch version, CUDA/arch, BLAS when not the system's, patch-set hash). A warm cache
+makes the step take seconds. The CPU kernels' BLAS is the system OpenBLAS, else PyPI's
+scipy-openblas32 wheel in the target interpreter (SPARK_ME_BLAS=auto|system|wheel; see choose_blas).
 
 Standard library only: it runs before the virtual environment has anything installed, and it asks
 the *target* interpreter (the venv's python) for its torch version instead of importing torch.
