@@ -3,7 +3,9 @@
 ME exists on PyPI only as a 2021 source distribution that does not build on a modern stack as is.
 This module owns that step: fetch the sdist by name from the package index (hash-checked), apply
 this project's patch files, build a wheel once, and cache it outside the repo under a key made of
-(python tag, torch version, CUDA/arch, patch-set hash). A warm cache makes the step take seconds.
+(python tag, torch version, CUDA/arch, BLAS when not the system's, patch-set hash). A warm cache
+makes the step take seconds. The CPU kernels' BLAS is the system OpenBLAS, else PyPI's
+scipy-openblas32 wheel in the target interpreter (SPARK_ME_BLAS=auto|system|wheel; see choose_blas).
 
 Standard library only: it runs before the virtual environment has anything installed, and it asks
 the *target* interpreter (the venv's python) for its torch version instead of importing torch.
@@ -39,16 +41,24 @@ SDIST_SHA256 = "b1879c00d0b0b1d30ba622cce239886a7e3c78ee9da1064cdfe2f64c2ab15f94
 PATCH_DIR = Path(__file__).parent / "patches" / f"minkowskiengine-{ME_VERSION}"
 # Applied on top for CUDA builds only (they touch .cu/.cuh files), so CPU wheel keys do not change.
 CUDA_PATCH_DIR = Path(__file__).parent / "patches" / f"minkowskiengine-{ME_VERSION}-cuda"
+# Applied only when linking the scipy-openblas32 wheel, so wheels for a system OpenBLAS keep their keys.
+BLAS_WHEEL_PATCH_DIR = Path(__file__).parent / "patches" / f"minkowskiengine-{ME_VERSION}-scipy-openblas"
+SYSTEM_BLAS = "openblas"  # ME_BLAS value: the system's libopenblas.so and cblas.h
+WHEEL_BLAS = "scipy-openblas"  # ME_BLAS value: PyPI's scipy-openblas32 wheel in the target interpreter
+BLAS_WHEEL_PROJECT = "scipy-openblas32"
 DEFAULT_ARCH_LIST = "8.0;8.6;9.0"  # A100, A10/RTX 30xx, H100/H200
 BUILD_STAMP = "spark-me-minkowski-build.json"  # written into the target's sys.prefix
 
 
-def patch_files(cuda: bool = False) -> list[Path]:
+def patch_files(cuda: bool = False, blas: str = SYSTEM_BLAS) -> list[Path]:
+    """The patch series for a build: common ones, then CUDA-only ones, then the BLAS-wheel one."""
     patches = sorted(PATCH_DIR.glob("*.patch"))
     if not patches:
         raise BuildError(f"no patch files found in {PATCH_DIR}")
     if cuda:
         patches += sorted(CUDA_PATCH_DIR.glob("*.patch"))
+    if blas == WHEEL_BLAS:
+        patches += sorted(BLAS_WHEEL_PATCH_DIR.glob("*.patch"))
     return patches
 
 
@@ -60,9 +70,9 @@ def patch_reason(patch: Path) -> str:
     return first[len("Reason: ") :]
 
 
-def patch_set_hash(cuda: bool = False) -> str:
+def patch_set_hash(cuda: bool = False, blas: str = SYSTEM_BLAS) -> str:
     digest = hashlib.sha256()
-    for patch in patch_files(cuda):
+    for patch in patch_files(cuda, blas):
         digest.update(patch.name.encode() + b"\0" + patch.read_bytes() + b"\0")
     return digest.hexdigest()[:12]
 
@@ -76,12 +86,17 @@ class Target:
     torch: str  # e.g. 2.14.1+cu130
     cuda: str | None  # CUDA version to build for (None: CPU only)
     arch_list: str | None  # TORCH_CUDA_ARCH_LIST for CUDA builds
+    blas: str = SYSTEM_BLAS  # SYSTEM_BLAS or WHEEL_BLAS: which library the extension links
 
     @property
     def key(self) -> str:
+        """Names all the wheel is tied to. The BLAS appears only when it is the wheel's, so keys of
+        system-OpenBLAS builds are what they were before the wheel fallback existed."""
         flavour = "cpu" if self.cuda is None else f"cu{self.cuda}-sm{self.arch_list}"
+        if self.blas != SYSTEM_BLAS:
+            flavour += f"-{self.blas}"
         flavour = re.sub(r"[^A-Za-z0-9.+_-]", "_", flavour)
-        patches = patch_set_hash(cuda=self.cuda is not None)
+        patches = patch_set_hash(cuda=self.cuda is not None, blas=self.blas)
         return f"me{ME_VERSION}-{self.python_tag}-torch{self.torch}-{flavour}-patches{patches}"
 
 
@@ -109,6 +124,7 @@ def probe_target(python: str, cuda: bool, arch_list: str | None) -> Target:
         torch=info["torch"],
         cuda=info["cuda"] if cuda else None,
         arch_list=arch_list if cuda else None,
+        blas=choose_blas(),
     )
 
 
@@ -117,13 +133,13 @@ def fetch_sdist(cache: Path) -> Path:
     return fetch_by_name("minkowskiengine", SDIST_NAME, SDIST_SHA256, cache / "sdist" / SDIST_NAME)
 
 
-def unpack_and_patch(sdist: Path, workdir: Path, cuda: bool = False) -> Path:
+def unpack_and_patch(sdist: Path, workdir: Path, cuda: bool = False, blas: str = SYSTEM_BLAS) -> Path:
     with tarfile.open(sdist) as tar:
         extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         tar.extractall(workdir, **extra)
     src = workdir / f"MinkowskiEngine-{ME_VERSION}"
     patch_tool = shutil.which("patch")
-    for patch in patch_files(cuda):
+    for patch in patch_files(cuda, blas):
         log.info("patch %s: %s", patch.name, patch_reason(patch))
         if patch_tool:
             cmd = [patch_tool, "-p1", "--forward", "--batch", "--silent", "-i", str(patch)]
@@ -135,19 +151,53 @@ def unpack_and_patch(sdist: Path, workdir: Path, cuda: bool = False) -> Path:
     return src
 
 
-def ensure_blas() -> None:
-    """CPU convolutions in ME call cblas; Debian's libopenblas-dev provides it."""
-    if _has_openblas():
+def choose_blas() -> str:
+    """Which BLAS the ME build links: SPARK_ME_BLAS=auto (default), system or wheel.
+
+    auto takes the system OpenBLAS when its header and library are there (what the existing cached
+    wheels link), else PyPI's scipy-openblas32 wheel: it needs no root, no apt and no network when
+    the offline bundle carries it, and it lives in the target's site-packages, not in the OS.
+    """
+    choice = os.environ.get("SPARK_ME_BLAS", "auto").strip().lower() or "auto"
+    if choice not in ("auto", "system", "wheel"):
+        raise BuildError(f"SPARK_ME_BLAS must be auto, system or wheel, not {choice!r}")
+    if choice == "wheel":
+        return WHEEL_BLAS
+    if choice == "system" or _has_openblas() or not sys.platform.startswith("linux"):
+        return SYSTEM_BLAS  # off Linux the wheel's $ORIGIN rpath does not apply
+    return WHEEL_BLAS
+
+
+def ensure_blas(target: Target) -> None:
+    """Make the BLAS that `target.blas` names available to the build, or say how to get it."""
+    if target.blas == WHEEL_BLAS:
+        ensure_blas_wheel(target.python)
         return
-    hint = "apt-get install -y libopenblas-dev  (Debian/Ubuntu; conda: openblas)"
-    if os.geteuid() == 0 and shutil.which("apt-get"):
-        log.info("OpenBLAS headers missing: running apt-get install libopenblas-dev")
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        subprocess.run(["apt-get", "update", "-qq"], check=False, env=env)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "libopenblas-dev"], check=False, env=env)
-        if _has_openblas():
-            return
-    raise BuildError(f"OpenBLAS (cblas.h and libopenblas.so) is needed to build ME. Install it: {hint}")
+    if not _has_openblas():
+        raise BuildError(
+            "OpenBLAS (cblas.h and libopenblas.so) is needed to build ME: apt-get install -y "
+            "libopenblas-dev (conda: openblas), or on Linux leave SPARK_ME_BLAS unset "
+            "to link the scipy-openblas32 wheel"
+        )
+
+
+def ensure_blas_wheel(python: str) -> str:
+    """scipy-openblas32 in the target interpreter (installed by the `build` extra; else pip-installed
+    here, which needs the index): returns its library folder. The ME build imports it from there."""
+    code = "import scipy_openblas32 as s; print(s.get_lib_dir())"
+    found = subprocess.run([python, "-c", code], capture_output=True, text=True)
+    if found.returncode != 0:
+        log.info("installing %s into %s: the BLAS of ME's CPU kernels", BLAS_WHEEL_PROJECT, python)
+        cmd = [python, "-m", "pip", "install", "--quiet", BLAS_WHEEL_PROJECT]
+        pip = subprocess.run(cmd, capture_output=True, text=True)
+        found = subprocess.run([python, "-c", code], capture_output=True, text=True)
+        if found.returncode != 0:
+            why = (pip.stderr.strip().splitlines() or ["pip failed"])[-1]
+            raise BuildError(
+                f"ME needs a BLAS: {BLAS_WHEEL_PROJECT} is not in {python} and pip could not install it "
+                f"({why}); install spark-me[build] (an offline bundle carries it) or libopenblas-dev"
+            )
+    return found.stdout.strip().splitlines()[-1]
 
 
 def _has_openblas() -> bool:
@@ -194,9 +244,13 @@ def cuda_home() -> Path:
 
 def build_wheel(target: Target, src: Path, outdir: Path, logfile: Path) -> Path:
     jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
-    env = dict(os.environ, MAX_JOBS=jobs, ME_BLAS=os.environ.get("ME_BLAS", "openblas"))
+    env = dict(os.environ, MAX_JOBS=jobs, ME_BLAS=os.environ.get("ME_BLAS", SYSTEM_BLAS))
     conda = os.environ.get("CONDA_PREFIX")
-    if conda and (Path(conda) / "include" / "cblas.h").exists():  # conda's openblas, not Debian's
+    if target.blas == WHEEL_BLAS:  # the patched setup.py takes the dirs from the wheel itself
+        env["ME_BLAS"] = WHEEL_BLAS
+        for name in ("ME_BLAS_INCLUDE_DIRS", "ME_BLAS_LIBRARY_DIRS"):
+            env.pop(name, None)
+    elif conda and (Path(conda) / "include" / "cblas.h").exists():  # conda's openblas, not Debian's
         env.setdefault("ME_BLAS_INCLUDE_DIRS", f"{conda}/include")
         env.setdefault("ME_BLAS_LIBRARY_DIRS", f"{conda}/lib")
     if target.cuda is None:
@@ -249,13 +303,13 @@ def ensure_wheel(target: Target) -> Path:
     if wheel:
         return wheel
     cache = cache_root()
-    ensure_blas()
+    ensure_blas(target)
     sdist = fetch_sdist(cache)
     final = cache / "wheels" / target.key
     final.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="me-build-", dir=final.parent) as tmp:
         tmpdir = Path(tmp)
-        src = unpack_and_patch(sdist, tmpdir / "src", cuda=target.cuda is not None)
+        src = unpack_and_patch(sdist, tmpdir / "src", cuda=target.cuda is not None, blas=target.blas)
         outdir = tmpdir / "wheel"
         outdir.mkdir()
         logfile = cache / "logs" / f"{target.key}.log"
@@ -273,6 +327,8 @@ def installed_key(python: str) -> str | None:
 
 
 def install(target: Target, wheel: Path) -> None:
+    if target.blas == WHEEL_BLAS:  # a cached wheel may go into a fresh venv: it loads this at import
+        ensure_blas_wheel(target.python)
     log.info("installing %s into %s", wheel.name, target.python)
     subprocess.run(
         [target.python, "-m", "pip", "install", "--quiet", "--no-deps", "--force-reinstall", str(wheel)],

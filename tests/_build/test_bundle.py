@@ -73,6 +73,7 @@ def test_gpu_node_bundle_for_python_312_fits_with_the_repository(tmp_path: Path)
     )
     names = {f["name"] for f in manifest["files"]}
     assert "timm" in names and "setuptools" in names and "minkowskiengine" in names
+    assert "scipy-openblas32" in names  # the BLAS ME links on nodes without a system OpenBLAS
     assert not names & {"numpy", "scipy", "scikit-image", "tensorboard", "grpcio", "pillow", "torch"}
     for entry in manifest["files"]:
         if entry["path"].endswith(".whl") and "-cp" in entry["path"]:
