@@ -129,7 +129,8 @@ class ImageFiles(Dataset):
             path = self.files[(index + attempt) % len(self.files)]
             image = self.decoded.get(path) if self.decoded is not None else None
             try:
-                image = image or load_rgb(path)
+                if image is None:
+                    image = load_rgb(path)
             except (OSError, UnidentifiedImageError, ValueError) as err:
                 log.warning("cannot decode %s (%s); using the next image", path, err)
                 continue

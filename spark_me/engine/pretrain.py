@@ -82,7 +82,7 @@ def picture_batch(cfg: PretrainConfig, count: int = 4) -> torch.Tensor:
 
 
 def save_pictures(
-    model: SparK, output: Path, epoch: int, pictures: torch.Tensor, validation, seed: int
+    model: SparK, output: Path, epoch: int, pictures: torch.Tensor, validation: Validation | None, seed: int
 ) -> None:
     """reconstruction-last.png (training photographs) and, with a validation set,
     reconstruction-val-last.png (held-out ones, their fixed validation masks), each also kept as
