@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from spark_me.cli_parser import OneLineErrorParser
+
 log = logging.getLogger("spark_me")
 
 
@@ -94,13 +96,18 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     """Picture of input / masked / reconstruction / merged from a pretraining checkpoint."""
     from spark_me.engine import checkpoint
     from spark_me.engine.config import PretrainConfig, mask_ratio_problem, size_problem
+    from spark_me.engine.config_input import output_file_problem
 
-    # the file and the sizes are checked before the model code (and MinkowskiEngine) loads
+    # the file, the sizes and the output are checked before the model code (and MinkowskiEngine) loads
     state = checkpoint.load(args.checkpoint)
     config = state["config"]
     size = args.input_size if args.input_size is not None else config["input_size"]
     mask_ratio = args.mask_ratio if args.mask_ratio is not None else config["mask_ratio"]
-    problem = size_problem("input_size", size) or mask_ratio_problem(mask_ratio, size)
+    problem = (
+        size_problem("input_size", size)
+        or mask_ratio_problem(mask_ratio, size)
+        or output_file_problem(args.output)
+    )
     if problem:
         raise ValueError(problem)
     import torch
@@ -132,7 +139,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spark-me", description="SparK pretraining on sparse tensors.")
+    parser = OneLineErrorParser(prog="spark-me", description="SparK pretraining on sparse tensors.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     smoke = sub.add_parser("smoke", help=cmd_smoke.__doc__)
@@ -177,6 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (FileNotFoundError, ValueError) as err:  # bad input: a clear message, not a traceback
         log.error("spark-me %s: %s", args.command, err)
+        log.debug("where it was raised", exc_info=True)
+        return 1
+    except OSError as err:  # a path that cannot be written or read (a folder, no permission, ...)
+        where = f": {err.filename}" if err.filename else ""
+        log.error("spark-me %s: %s%s", args.command, err.strerror or err, where)
+        log.debug("where it was raised", exc_info=True)
         return 1
 
 

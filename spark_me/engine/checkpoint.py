@@ -3,15 +3,20 @@
 output_dir/checkpoint-last.pth       full state after the last finished epoch
 output_dir/checkpoint-{epoch}.pth    every `save_every` epochs, the newest `keep_last` kept
 output_dir/timm-last.pth, timm-{epoch}.pth   the encoder alone, in timm's layout (for fine-tuning)
+output_dir/checkpoint-mid-epoch.pth  full state at a step boundary inside an epoch (on SIGTERM /
+                                     SIGUSR1 or every `save_every_steps`), with the epoch's
+                                     position; removed once a later epoch-end state is saved
+
+A file that cannot be read is never overwritten: auto-resume either resumes from an older readable
+one (the unreadable ones renamed `*.unreadable`, kept as evidence) or stops and says what to do.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
 
 from converters.io import NotACheckpoint, load_state, save_state
 from converters.timm_format import to_timm
@@ -19,6 +24,12 @@ from converters.timm_format import to_timm
 log = logging.getLogger(__name__)
 
 NUMBERED = re.compile(r"checkpoint-(\d+)\.pth$")
+MID_EPOCH = "checkpoint-mid-epoch.pth"
+
+
+class NoReadableCheckpoint(ValueError):
+    """Auto-resume found checkpoints but could read none: continuing from epoch 0 would overwrite
+    them (and the evidence of what went wrong), so the run stops with the ways out."""
 
 
 def save(output_dir: Path, state: dict, epoch: int, numbered: bool, keep_last: int) -> Path:
@@ -34,7 +45,14 @@ def save(output_dir: Path, state: dict, epoch: int, numbered: bool, keep_last: i
         for old in sorted(numbered_checkpoints(output_dir))[:-keep_last]:
             old.unlink(missing_ok=True)
             (output_dir / old.name.replace("checkpoint-", "timm-")).unlink(missing_ok=True)
+    (output_dir / MID_EPOCH).unlink(missing_ok=True)  # superseded by this later state
     return output_dir / "checkpoint-last.pth"
+
+
+def save_mid_epoch(output_dir: Path, state: dict) -> Path:
+    """A state at a step boundary inside an epoch (`state["position"]` says where); no timm export:
+    timm-last.pth stays the encoder of the last finished epoch."""
+    return save_state(state, Path(output_dir) / MID_EPOCH)
 
 
 def numbered_checkpoints(output_dir: Path) -> list[Path]:
@@ -44,21 +62,64 @@ def numbered_checkpoints(output_dir: Path) -> list[Path]:
     )
 
 
-def latest(output_dir: Path) -> Path | None:
-    """The checkpoint of the most advanced run state in output_dir (for --auto_resume)."""
-    candidates = [
-        p for p in [Path(output_dir) / "checkpoint-last.pth", *numbered_checkpoints(output_dir)] if p.exists()
-    ]
-    best, best_step = None, -1
-    for path in candidates:
+@dataclass
+class Found:
+    """What auto-resume found: the most advanced readable state (None: nothing to resume) and the
+    checkpoints it could not read, with why."""
+
+    path: Path | None = None
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def candidates(output_dir: Path) -> list[Path]:
+    """Every checkpoint auto-resume considers: last, numbered, mid-epoch."""
+    output_dir = Path(output_dir)
+    names = [output_dir / "checkpoint-last.pth", *numbered_checkpoints(output_dir), output_dir / MID_EPOCH]
+    return [p for p in names if p.is_file()]
+
+
+def find_resumable(output_dir: Path) -> Found:
+    """The checkpoint of the most advanced run state in output_dir (by optimiser step).
+
+    Raises NoReadableCheckpoint when there are checkpoints but none can be read; nothing is
+    changed on disk here (see `set_aside`).
+    """
+    found, best_step = Found(), -1
+    files = candidates(output_dir)
+    for path in files:
         try:
-            step = int(torch.load(path, map_location="cpu", weights_only=True)["step"])
-        except Exception as err:  # a damaged file must not stop the resume from an older one
-            log.warning("ignoring unreadable checkpoint %s (%s)", path, err)
+            step = int(load(path)["step"])
+        except (ValueError, OSError, TypeError) as err:  # NotACheckpoint is a ValueError
+            found.skipped.append((path, _why(path, err)))
             continue
         if step > best_step:
-            best, best_step = path, step
-    return best
+            found.path, best_step = path, step
+    if files and found.path is None:
+        listed = "; ".join(f"{p.name}: {why}" for p, why in found.skipped)
+        raise NoReadableCheckpoint(
+            f"auto-resume found no readable checkpoint in {output_dir} ({listed}); nothing was changed. "
+            "Continue from a good copy with --resume FILE, start again from epoch 0 with --no_auto_resume "
+            "(these files are then overwritten), or move them out of the folder"
+        )
+    return found
+
+
+def _why(path: Path, err: BaseException) -> str:
+    """The reason alone: NotACheckpoint messages start with the path, which the caller names."""
+    text = str(err)
+    return text.removeprefix(f"{path} ") or type(err).__name__
+
+
+def set_aside(path: Path) -> Path:
+    """Renames an unreadable checkpoint to `<name>.unreadable` (`.unreadable-2`, ... if taken), so a
+    resumed run does not overwrite it; returns the new path."""
+    target = path.with_name(path.name + ".unreadable")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.unreadable-{n}")
+    path.rename(target)
+    return target
 
 
 def load(path: str | Path) -> dict:

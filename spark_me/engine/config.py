@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from spark_me.cli_parser import OneLineErrorParser
+from spark_me.engine.config_input import output_dir_problem, read_config_file, yaml_mapping
 from spark_me.masking import PATCH, keep_count
 
 
@@ -57,6 +57,7 @@ class PretrainConfig:
     output_dir: str = "output"
     log_dir: str | None = None  # tensorboard; default: output_dir/tb
     save_every: int = 50  # also keep checkpoint-{epoch}.pth every N epochs (0: only checkpoint-last)
+    save_every_steps: int = 0  # also checkpoint-mid-epoch.pth every N optimiser steps (0: never)
     keep_last: int = 3
     resume: str | None = None
     auto_resume: bool = True
@@ -107,7 +108,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="spark-me pretrain", description="SparK pretraining on sparse tensors.")
+    p = OneLineErrorParser(prog="spark-me pretrain", description="SparK pretraining on sparse tensors.")
     add = p.add_argument
     add("--config", type=Path, help="YAML file with any of the options below (flags override it)")
     add(
@@ -118,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--arch", help="encoder: spark-me/timm name, e.g. resnet50, convnextv2_tiny")
     add(
         "--model_kwargs",
-        type=yaml.safe_load,
+        type=yaml_mapping,
         help="YAML mapping of encoder kwargs, e.g. '{depths: [1,1,3,1]}'",
     )
     add("--drop_path", type=float)
@@ -177,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--output_dir")
     add("--log_dir")
     add("--save_every", type=int, help="keep checkpoint-NNNN.pth every N epochs (0: checkpoint-last only)")
+    add(
+        "--save_every_steps",
+        type=int,
+        help="also save checkpoint-mid-epoch.pth every N optimiser steps, to resume mid-epoch (for "
+        "clusters that kill jobs without SIGTERM/SIGUSR1 first; 0: only on those signals)",
+    )
     add("--keep_last", type=int)
     add("--resume", help="full checkpoint to continue from (model, optimiser, schedule, epoch)")
     add("--auto_resume", action=argparse.BooleanOptionalAction, default=None, help="resume from output_dir")
@@ -192,19 +199,21 @@ def resolve(argv: list[str] | None = None) -> PretrainConfig:
     given = {k: v for k, v in vars(args).items() if v is not None and k != "config"}
     from_file: dict[str, Any] = {}
     if args.config:
-        if not args.config.is_file():
-            raise FileNotFoundError(f"no such config file: {args.config}")
-        from_file = yaml.safe_load(args.config.read_text()) or {}
+        from_file = read_config_file(args.config)
         unknown = set(from_file) - {f.name for f in dataclasses.fields(PretrainConfig)}
         if unknown:
-            raise ValueError(f"unknown option(s) in {args.config}: {', '.join(sorted(unknown))}")
+            raise ValueError(f"unknown option(s) in {args.config}: {', '.join(sorted(map(str, unknown)))}")
         from_file = read_yaml_floats(from_file)
     merged = {**from_file, **given}
     preset = merged.get("preset") or (None if merged.get("data_path") else "demo")
     values = {**PRESETS.get(preset, {}), **merged, "preset": preset}
     if values.get("betas") is not None:
         values["betas"] = tuple(values["betas"])
-    return validate(PretrainConfig(**values))
+    cfg = validate(PretrainConfig(**values))
+    problem = output_dir_problem(cfg.output_dir)  # the filesystem, so not in validate()
+    if problem:
+        raise ValueError(problem)
+    return cfg
 
 
 def read_yaml_floats(values: dict[str, Any]) -> dict[str, Any]:
@@ -225,6 +234,7 @@ AT_LEAST = {
     "accum_iter": 1,
     "epochs": 1,
     "save_every": 0,
+    "save_every_steps": 0,
     "repeat": 1,
     "recon_every": 1,
     "warmup_epochs": 0,

@@ -53,9 +53,41 @@ def barrier(env: DistEnv) -> None:
 def all_mean(value: float, env: DistEnv) -> float:
     if not env.distributed:
         return value
-    t = torch.tensor([value], dtype=torch.float64, device=env.device if env.device.type == "cuda" else "cpu")
+    t = torch.tensor([value], dtype=torch.float64, device=_collective_device(env))
     dist.all_reduce(t)
     return float(t) / env.world_size
+
+
+def _collective_device(env: DistEnv) -> torch.device:
+    """nccl reduces CUDA tensors only, gloo CPU ones."""
+    return env.device if env.device.type == "cuda" else torch.device("cpu")
+
+
+def any_true(flag: bool, env: DistEnv) -> bool:
+    """True on every process when `flag` is True on any of them (an all-reduce of one integer)."""
+    if not env.distributed:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=_collective_device(env))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def all_gather(obj: object, env: DistEnv) -> list:
+    """Every process's `obj` (picklable), indexed by rank, on every process."""
+    if not env.distributed:
+        return [obj]
+    out: list = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def from_main(obj: object, env: DistEnv) -> object:
+    """The main process's `obj` on every process (decisions taken once, by rank 0)."""
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def cleanup(env: DistEnv) -> None:

@@ -7,13 +7,14 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
+from torch.utils.data import ConcatDataset, DataLoader
 from tqdm import tqdm
 
 import converters
@@ -22,6 +23,7 @@ from spark_me.data.transforms import eval_transform, pretrain_transform
 from spark_me.engine import checkpoint, distributed
 from spark_me.engine.config import DROP_PATH, PretrainConfig
 from spark_me.engine.distributed import DistEnv
+from spark_me.engine.epoch_position import EpochPosition, ResumableSampler, SeededSamples
 from spark_me.engine.evaluate import Validation
 from spark_me.engine.optim import (
     build_lr_scheduler,
@@ -30,6 +32,8 @@ from spark_me.engine.optim import (
     set_weight_decay,
     weight_decay_at,
 )
+from spark_me.engine.preemption import PREEMPTED_EXIT, Preempted, StopRequest
+from spark_me.engine.resume import MidEpochSaver, full_state, resume_source
 from spark_me.models.registry import create_encoder
 from spark_me.models.spark import SparK
 from spark_me.sparse.sync_batchnorm import convert_sync_batchnorm
@@ -50,7 +54,9 @@ def build_model(cfg: PretrainConfig, dataflow_cache: Path | None = None) -> Spar
     return SparK(encoder, decoder_width=cfg.decoder_width, mask_ratio=cfg.mask_ratio)
 
 
-def build_loader(cfg: PretrainConfig, env: DistEnv) -> tuple[DataLoader, DistributedSampler]:
+def build_loader(cfg: PretrainConfig, env: DistEnv) -> tuple[DataLoader, ResumableSampler]:
+    """Shuffled, split over processes, each sample augmented under its own (seed, epoch, index)
+    seed (`SeededSamples`), so that an epoch can be resumed at any step boundary."""
     # the embedded photographs are few: decode them once instead of at every step
     images = ImageFiles(cfg.data_path, pretrain_transform(cfg.input_size), keep_decoded=cfg.data_path is None)
     dataset = ConcatDataset([images] * cfg.repeat) if cfg.repeat > 1 else images
@@ -60,17 +66,16 @@ def build_loader(cfg: PretrainConfig, env: DistEnv) -> tuple[DataLoader, Distrib
             f"{len(images)} images x {cfg.repeat} repeat(s) is fewer than one batch ({cfg.batch_size} x "
             f"{env.world_size} processes); lower --batch_size or raise --repeat"
         )
-    sampler = DistributedSampler(
-        dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=cfg.seed, drop_last=True
-    )
+    samples = SeededSamples(dataset, cfg.seed)
+    sampler = ResumableSampler(samples, env.world_size, env.rank, cfg.seed)
     loader = DataLoader(
-        dataset,
+        samples,
         batch_size=cfg.batch_size,
         sampler=sampler,
         num_workers=cfg.num_workers,
         pin_memory=env.device.type == "cuda",
         drop_last=True,
-        persistent_workers=False,
+        persistent_workers=False,  # workers must receive the dataset's epoch anew every epoch
     )
     return loader, sampler
 
@@ -121,27 +126,54 @@ def autocast(cfg: PretrainConfig, env: DistEnv):
     return torch.autocast(env.device.type, dtype=dtype)
 
 
-def train_one_epoch(model, loader, optimizer, lr_sched, scaler, cfg, env, epoch, step, total_steps, writer):
+def train_one_epoch(
+    model,
+    loader,
+    optimizer,
+    lr_sched,
+    scaler,
+    cfg,
+    env,
+    epoch,
+    step,
+    total_steps,
+    writer,
+    start: EpochPosition | None = None,
+    boundary: Callable[[int, int, list[float]], None] | None = None,
+):
     """One pass over the data; returns (mean loss, optimiser steps done so far).
 
     With `accum_iter` > 1, only whole groups of `accum_iter` micro-batches are used: the last
     `len(loader) % accum_iter` batches of the epoch are DROPPED (not loaded, no forward/backward),
     so every optimiser step averages exactly `accum_iter` micro-batches and no gradient is carried
     into the next epoch (where it would also be missing from the checkpoint a resume starts from).
+
+    `start`: continue the epoch at this step boundary (its first `start.batch` micro-batches are
+    done: the sampler must already skip them), with this process's random state and losses as they
+    were there. `boundary(done, step, losses)` runs after every optimiser step except the epoch's
+    last (mid-epoch saves, the agreement to stop); it may raise `Preempted`.
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)  # an epoch starts from no gradient, whatever came before
     used = (len(loader) // cfg.accum_iter) * cfg.accum_iter
-    losses = []
+    first = start.batch if start else 0
+    mine = start.ranks[env.rank] if start else None
+    losses = list(mine.losses) if mine else []
+    batches = iter(loader)  # workers start here, drawing their seeds from the global random state ...
+    if mine:  # ... so the state that masks and drop-path draw from is set after that
+        mine.restore(env.device)
+    else:
+        torch.manual_seed(cfg.seed + 1000 * epoch + env.rank)  # masks, drop-path: a function of the epoch
     bar = tqdm(
-        itertools.islice(loader, used),
+        itertools.islice(batches, used - first),
         total=used,
+        initial=first,
         desc=f"epoch {epoch + 1}/{cfg.epochs}",
         disable=not env.is_main,
         leave=False,
         dynamic_ncols=True,
     )
-    for i, images in enumerate(bar):
+    for i, images in enumerate(bar, start=first):
         images = images.to(env.device, non_blocking=True)
         last_micro = (i + 1) % cfg.accum_iter == 0
         sync = model.no_sync() if env.distributed and not last_micro else nullcontext()
@@ -171,27 +203,36 @@ def train_one_epoch(model, loader, optimizer, lr_sched, scaler, cfg, env, epoch,
             writer.add_scalar("train/loss", value, step)
             writer.add_scalar("train/lr", lr, step)
             writer.add_scalar("train/weight_decay", wd, step)
+        if boundary and i + 1 < used:
+            boundary(i + 1, step, losses)
     return distributed.all_mean(sum(losses) / max(len(losses), 1), env), step
 
 
 def run(cfg: PretrainConfig) -> int:
+    """0 when done, 1 on a non-finite loss, PREEMPTED_EXIT when stopped by SIGTERM / SIGUSR1."""
     env = distributed.init(cfg.device)
     output = Path(cfg.output_dir)
-    try:
-        return _run(cfg, env, output)
-    except NonFiniteLoss as err:
-        log.error("%s: stopping. The last good checkpoint is kept: %s", err, output / "checkpoint-last.pth")
-        return 1
-    finally:
-        distributed.cleanup(env)
+    with StopRequest() as stop:
+        try:
+            return _run(cfg, env, output, stop)
+        except NonFiniteLoss as err:
+            log.error(
+                "%s: stopping. The last good checkpoint is kept: %s", err, output / "checkpoint-last.pth"
+            )
+            return 1
+        except Preempted as err:
+            if env.is_main:
+                log.warning("%s", err)
+            return PREEMPTED_EXIT
+        finally:
+            distributed.cleanup(env)
 
 
-def _run(cfg: PretrainConfig, env: DistEnv, output: Path) -> int:
-    # -- set-up ---------------------------------------------------------------------------------
+def _run(cfg: PretrainConfig, env: DistEnv, output: Path, stop: StopRequest) -> int:
+    # -- set-up: everything that can refuse the run comes before the first write to output_dir --
     torch.manual_seed(cfg.seed + env.rank)
-    if env.is_main:
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    resume = resume_source(cfg, env, output)
+    state = checkpoint.load(resume) if resume else None
     if cfg.data_path is None:
         log.info("no --data_path: pretraining on the embedded photographs (preset %r)", cfg.preset)
     loader, sampler = build_loader(cfg, env)
@@ -236,16 +277,32 @@ def _run(cfg: PretrainConfig, env: DistEnv, output: Path) -> int:
     )
 
     # -- resume ---------------------------------------------------------------------------------
-    start_epoch, step = 0, 0
-    resume = cfg.resume or (checkpoint.latest(output) if cfg.auto_resume else None)
-    if resume:
-        state = checkpoint.load(resume)
+    layout = {
+        "world_size": env.world_size,
+        "batch_size": cfg.batch_size,
+        "accum_iter": cfg.accum_iter,
+        "samples": len(loader.dataset),
+    }
+    start_epoch, step, position = 0, 0, None
+    if state is not None:
+        position = EpochPosition.from_dict(state["position"]) if state.get("position") else None
+        differ = position.mismatch(layout) if position else None
+        if differ:
+            raise ValueError(
+                f"{resume} was saved inside epoch {position.epoch + 1} of a run laid out differently "
+                f"({differ}): resume with the same settings, or from an epoch-end checkpoint "
+                f"(--resume {output / 'checkpoint-last.pth'})"
+            )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scaler and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
-        log.info("resumed from %s: epoch %d, step %d", resume, start_epoch, step)
+        where = f", batch {position.batch} of the epoch" if position else ""
+        log.info("resumed from %s: epoch %d%s, step %d", resume, start_epoch + 1, where, step)
+    if env.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     if env.distributed:
         if cfg.sync_bn:  # encoder, densify and decoder BNs: statistics of all processes
@@ -264,53 +321,50 @@ def _run(cfg: PretrainConfig, env: DistEnv, output: Path) -> int:
     # -- epochs ---------------------------------------------------------------------------------
     started = time.monotonic()
     for epoch in range(start_epoch, cfg.epochs):
-        sampler.set_epoch(epoch)
-        torch.manual_seed(
-            cfg.seed + 1000 * epoch + env.rank
-        )  # augmentation and masks: a pure function of epoch
+        at = position if position is not None and position.epoch == epoch else None
+        loader.dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch, at.batch * cfg.batch_size if at else 0, at.order if at else None)
         epoch_start = time.monotonic()
+        saver = MidEpochSaver(cfg, env, output, stop, model, optimizer, scaler, sampler, layout, epoch)
         loss, step = train_one_epoch(
-            ddp, loader, optimizer, lr_sched, scaler, cfg, env, epoch, step, total_steps, writer
+            ddp, loader, optimizer, lr_sched, scaler, cfg, env, epoch, step, total_steps, writer, at, saver
         )
-        if not env.is_main:
-            continue
-        elapsed = time.monotonic() - started
-        done = epoch + 1 - start_epoch
-        stats = {
-            "epoch": epoch + 1,
-            "step": step,
-            "train_loss": loss,
-            "lr": optimizer.param_groups[0]["lr"],
-            "weight_decay": optimizer.param_groups[0]["weight_decay"],
-            "epoch_time": time.monotonic() - epoch_start,
-        }
-        if validation and validation.due(epoch):
-            stats["val_loss"] = validation.loss(model, autocast(cfg, env))
-        log_epoch_losses(writer, stats)
-        with open(output / "log.txt", "a") as fh:
-            fh.write(json.dumps(stats) + "\n")
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler else None,
-            "epoch": epoch,
-            "step": step,
-            "config": cfg.to_dict(),
-        }
-        numbered = cfg.save_every > 0 and ((epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs)
-        checkpoint.save(output, state, epoch + 1, numbered, cfg.keep_last)
-        if (epoch + 1) % cfg.recon_every == 0 or epoch + 1 == cfg.epochs:
-            save_pictures(model, output, epoch + 1, pictures, validation, cfg.seed)
-        eta = elapsed / done * (cfg.epochs - epoch - 1)
-        log.info(
-            "epoch %d/%d  loss %.4f  lr %.2e  (%.1f s, ETA %.0f s)",
-            epoch + 1,
-            cfg.epochs,
-            loss,
-            stats["lr"],
-            stats["epoch_time"],
-            eta,
-        )
+        if env.is_main:
+            stats = {
+                "epoch": epoch + 1,
+                "step": step,
+                "train_loss": loss,
+                "lr": optimizer.param_groups[0]["lr"],
+                "weight_decay": optimizer.param_groups[0]["weight_decay"],
+                "epoch_time": time.monotonic() - epoch_start,
+            }
+            if validation and validation.due(epoch):
+                stats["val_loss"] = validation.loss(model, autocast(cfg, env))
+            log_epoch_losses(writer, stats)
+            with open(output / "log.txt", "a") as fh:
+                fh.write(json.dumps(stats) + "\n")
+            numbered = cfg.save_every > 0 and ((epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs)
+            state = full_state(model, optimizer, scaler, cfg, epoch, step)
+            checkpoint.save(output, state, epoch + 1, numbered, cfg.keep_last)
+            if (epoch + 1) % cfg.recon_every == 0 or epoch + 1 == cfg.epochs:
+                save_pictures(model, output, epoch + 1, pictures, validation, cfg.seed)
+            elapsed = time.monotonic() - started
+            eta = elapsed / (epoch + 1 - start_epoch) * (cfg.epochs - epoch - 1)
+            log.info(
+                "epoch %d/%d  loss %.4f  lr %.2e  (%.1f s, ETA %.0f s)",
+                epoch + 1,
+                cfg.epochs,
+                loss,
+                stats["lr"],
+                stats["epoch_time"],
+                eta,
+            )
+        if epoch + 1 < cfg.epochs and stop.agreed(env):  # a signal during validation or the save
+            raise Preempted(
+                f"stopped by {stop.name} after epoch {epoch + 1} (step {step}): the state is in "
+                f"{output / 'checkpoint-last.pth'}; run the same command to continue "
+                f"(exit status {PREEMPTED_EXIT})"
+            )
     distributed.barrier(env)
     if writer:
         writer.close()

@@ -61,7 +61,7 @@ class DataflowTuner:
         self.choices: dict[str, str] = {}
         self.timings: dict[str, dict[str, float]] = {}
         if self.cache_file is not None and self.cache_file.is_file():
-            self.load(self.cache_file)
+            self._load_or_set_aside(self.cache_file)
 
     # -- the choice -----------------------------------------------------------------------------
     @staticmethod
@@ -119,17 +119,35 @@ class DataflowTuner:
         )
         tmp.replace(path)
 
+    def _load_or_set_aside(self, path: Path) -> None:
+        """A cache is only a cache: one that cannot be used (damaged, foreign, from another version)
+        is renamed `<name>.unusable` (kept for a look, never deleted) and the dataflows are
+        measured again, instead of refusing the run."""
+        try:
+            self.load(path)
+        except ValueError as err:
+            kept = path.with_name(path.name + ".unusable")
+            n = 1
+            while kept.exists():
+                n += 1
+                kept = path.with_name(f"{path.name}.unusable-{n}")
+            path.rename(kept)
+            log.warning("%s; kept as %s, the dataflows are measured again", err, kept.name)
+
     def load(self, path: str | Path) -> None:
         try:
             data = json.loads(Path(path).read_text())
             choices = {str(k): str(v) for k, v in data["choices"].items()}
-        except (OSError, ValueError, KeyError, AttributeError) as err:
+            timings = {
+                str(k): {str(n): float(t) for n, t in v.items()} for k, v in data.get("timings", {}).items()
+            }
+        except (OSError, ValueError, KeyError, AttributeError, TypeError) as err:
             raise ValueError(f"{path}: not a dataflow cache written by spark-me ({err})") from None
         unknown = sorted({v for v in choices.values() if v not in dataflows.DATAFLOWS})
         if unknown:
             raise ValueError(f"{path}: unknown dataflows {unknown}")
         self.choices.update(choices)
-        self.timings.update(data.get("timings", {}))
+        self.timings.update(timings)
 
 
 def _sync(device: torch.device) -> None:

@@ -66,13 +66,23 @@ def test_forced_dataflow_applies_where_it_can(gen) -> None:
     assert dw.last_dataflow == rule(dw.op, layout_of(x))  # no gemm for depthwise
 
 
-def test_bad_mode_and_bad_cache_are_refused(tmp_path) -> None:
+def test_bad_mode_is_refused_and_a_bad_cache_is_set_aside(tmp_path, caplog) -> None:
+    """A damaged or foreign cache is renamed (kept, not deleted), with a warning, and the tuner
+    starts empty (it measures again); load() itself still refuses such a file."""
     with pytest.raises(ValueError, match="unknown dataflow mode 'fastest'"):
         DataflowTuner("fastest")
-    bad = tmp_path / "bad.json"
-    bad.write_text("not json")
-    with pytest.raises(ValueError, match="not a dataflow cache"):
-        DataflowTuner(cache_file=bad)
-    bad.write_text(json.dumps({"choices": {"k": "warp"}}))
-    with pytest.raises(ValueError, match="unknown dataflows"):
-        DataflowTuner(cache_file=bad)
+    cache = tmp_path / "dataflows.json"
+    for n, content in enumerate(
+        ["not json", json.dumps({"choices": {"k": "warp"}}), json.dumps([1, 2]), '{"choices": {"k": "blo'], 1
+    ):
+        cache.write_text(content)
+        with pytest.raises(ValueError):
+            DataflowTuner().load(cache)
+        tuner = DataflowTuner("auto", cache_file=cache)
+        assert tuner.choices == {} and not cache.exists()
+        kept = tmp_path / ("dataflows.json.unusable" + (f"-{n}" if n > 1 else ""))
+        assert kept.read_text() == content
+        assert f"kept as {kept.name}, the dataflows are measured again" in caplog.text
+    good = {"choices": {"k": "block"}, "timings": {}}
+    cache.write_text(json.dumps(good))
+    assert DataflowTuner("auto", cache_file=cache).choices == {"k": "block"} and cache.exists()
