@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from spark_me.cli_parser import OneLineErrorParser
+from spark_me.engine.config_input import output_file_problem
 
 log = logging.getLogger("spark_me")
 
@@ -96,18 +97,13 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     """Picture of input / masked / reconstruction / merged from a pretraining checkpoint."""
     from spark_me.engine import checkpoint
     from spark_me.engine.config import PretrainConfig, mask_ratio_problem, size_problem
-    from spark_me.engine.config_input import output_file_problem
 
-    # the file, the sizes and the output are checked before the model code (and MinkowskiEngine) loads
+    # the file and the sizes are checked before the model code (and MinkowskiEngine) loads
     state = checkpoint.load(args.checkpoint)
     config = state["config"]
     size = args.input_size if args.input_size is not None else config["input_size"]
     mask_ratio = args.mask_ratio if args.mask_ratio is not None else config["mask_ratio"]
-    problem = (
-        size_problem("input_size", size)
-        or mask_ratio_problem(mask_ratio, size)
-        or output_file_problem(args.output)
-    )
+    problem = size_problem("input_size", size) or mask_ratio_problem(mask_ratio, size)
     if problem:
         raise ValueError(problem)
     import torch
@@ -178,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     if extra and not getattr(args, "takes_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    output = getattr(args, "output", None)  # -o of reconstruct, export, import-timm
+    problem = output_file_problem(output, "-o") if isinstance(output, Path) else None
+    if problem:  # before any work: a result that cannot be written is no result
+        log.error("spark-me %s: %s", args.command, problem)
+        return 1
     try:
         if getattr(args, "takes_extra", False):
             return args.func(args, extra)

@@ -24,26 +24,58 @@ def test_newest_by_step_not_by_name(tmp_path: Path) -> None:
     write(tmp_path / "checkpoint-last.pth", 8)
     write(tmp_path / "checkpoint-0001.pth", 4)
     write(tmp_path / "checkpoint-0010.pth", 12)  # numbered 10 > 1 numerically, not as text
-    assert checkpoint.latest(tmp_path) == tmp_path / "checkpoint-0010.pth"
+    assert checkpoint.find_resumable(tmp_path).path == tmp_path / "checkpoint-0010.pth"
     write(tmp_path / "checkpoint-last.pth", 16)
-    assert checkpoint.latest(tmp_path) == tmp_path / "checkpoint-last.pth"
+    assert checkpoint.find_resumable(tmp_path).path == tmp_path / "checkpoint-last.pth"
+    write(tmp_path / checkpoint.MID_EPOCH, 18)  # a mid-epoch state after the last epoch end
+    assert checkpoint.find_resumable(tmp_path).path == tmp_path / checkpoint.MID_EPOCH
 
 
-def test_damaged_newest_is_skipped_for_the_next_one(tmp_path: Path, caplog) -> None:
+def test_damaged_newest_is_skipped_for_the_next_one(tmp_path: Path) -> None:
     write(tmp_path / "checkpoint-0001.pth", 4)
     write(tmp_path / "checkpoint-0002.pth", 8)
     last = write(tmp_path / "checkpoint-last.pth", 12)
     last.write_bytes(last.read_bytes()[:100])  # truncated mid-write by a crash
-    assert checkpoint.latest(tmp_path) == tmp_path / "checkpoint-0002.pth"
-    assert "ignoring unreadable checkpoint" in caplog.text and "checkpoint-last.pth" in caplog.text
+    found = checkpoint.find_resumable(tmp_path)
+    assert found.path == tmp_path / "checkpoint-0002.pth"
+    ((path, why),) = found.skipped
+    assert path == last and "truncated" in why and str(path) not in why
     (tmp_path / "checkpoint-0002.pth").write_bytes(b"garbage")
-    assert checkpoint.latest(tmp_path) == tmp_path / "checkpoint-0001.pth"
+    found = checkpoint.find_resumable(tmp_path)
+    assert found.path == tmp_path / "checkpoint-0001.pth" and len(found.skipped) == 2
+
+
+def test_none_readable_stops_with_the_ways_out_and_changes_nothing(tmp_path: Path) -> None:
+    last = write(tmp_path / "checkpoint-last.pth", 12)
+    last.write_bytes(last.read_bytes()[:100])
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "checkpoint-0003.pth")  # not a full state
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(checkpoint.NoReadableCheckpoint) as err:
+        checkpoint.find_resumable(tmp_path)
+    message = str(err.value)
+    assert "\n" not in message
+    for needed in ("checkpoint-last.pth: ", "checkpoint-0003.pth: ", "truncated", "missing model",
+                   "--resume FILE", "--no_auto_resume", "move them"):  # fmt: skip
+        assert needed in message, needed
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_set_aside_keeps_every_copy(tmp_path: Path) -> None:
+    for n in range(3):
+        (tmp_path / "checkpoint-last.pth").write_text(str(n))
+        kept = checkpoint.set_aside(tmp_path / "checkpoint-last.pth")
+        assert kept.read_text() == str(n) and not (tmp_path / "checkpoint-last.pth").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint-last.pth.unreadable",
+        "checkpoint-last.pth.unreadable-2",
+        "checkpoint-last.pth.unreadable-3",
+    ]
 
 
 def test_nothing_to_resume(tmp_path: Path) -> None:
-    assert checkpoint.latest(tmp_path) is None
-    (tmp_path / "checkpoint-last.pth").write_bytes(b"")
-    assert checkpoint.latest(tmp_path) is None
+    assert checkpoint.find_resumable(tmp_path).path is None
+    (tmp_path / "other.pth").write_bytes(b"")  # not a checkpoint name: not a candidate
+    assert checkpoint.find_resumable(tmp_path).path is None
 
 
 def test_load_refuses_a_file_that_is_not_a_full_checkpoint(tmp_path: Path) -> None:

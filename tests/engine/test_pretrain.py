@@ -285,3 +285,23 @@ def test_fp16_run_uses_and_resumes_the_grad_scaler(tmp_path: Path) -> None:
     tracked = second["_growth_tracker"] == first["_growth_tracker"] + steps_in_epoch_2
     assert second["scale"] < first["scale"] or tracked
     assert all(math.isfinite(r["train_loss"]) for r in rows)
+
+
+def test_auto_resume_skips_unreadable_checkpoints_and_keeps_them(tmp_path: Path, caplog) -> None:
+    """checkpoint-last.pth and checkpoint-0002.pth damaged, checkpoint-0001.pth good: the run
+    resumes from epoch 1's state, says which files it skipped and why, and keeps them renamed
+    (the epoch-2 save would otherwise overwrite them)."""
+    assert run(tmp_path, "--epochs", "2", "--save_every", "1", "--keep_last", "0") == 0
+    last, second = tmp_path / "checkpoint-last.pth", tmp_path / "checkpoint-0002.pth"
+    last.write_bytes(last.read_bytes()[:4000])
+    second.write_bytes(b"garbage")
+    damaged = {p.name: p.read_bytes() for p in (last, second)}
+    caplog.set_level(logging.INFO, logger="spark_me")
+    assert run(tmp_path, "--epochs", "2") == 0
+    assert "skipped checkpoint-last.pth (is not a torch checkpoint" in caplog.text
+    assert "kept as checkpoint-last.pth.unreadable; resuming from" in caplog.text
+    assert "resumed from " + str(tmp_path / "checkpoint-0001.pth") in caplog.text
+    for name, content in damaged.items():
+        assert (tmp_path / (name + ".unreadable")).read_bytes() == content
+    assert torch.load(last, weights_only=True)["step"] == 6  # epoch 2 again, from epoch 1's state
+    assert [r["step"] for r in read_log(tmp_path)] == [3, 6, 6]
