@@ -68,6 +68,16 @@ def damaged_last(out: Path) -> None:
     (out / "checkpoint-last.pth").write_bytes((out / "checkpoint-last.pth").read_bytes()[:2000])
 
 
+def damaged_last_older_good(out: Path) -> None:
+    """The newest checkpoint damaged, an older one readable: a run that goes on sets the damaged
+    one aside, but only once every check has passed."""
+    damaged_last(out)
+    config = {"arch": "resnet18"}
+    torch.save(
+        {"model": {}, "optimizer": {}, "epoch": 0, "step": 3, "config": config}, out / "checkpoint-0001.pth"
+    )
+
+
 def all_damaged(out: Path) -> None:
     """Every kind auto-resume looks at, each unreadable in its own way."""
     damaged_last(out)
@@ -118,6 +128,12 @@ ROWS = [
     Row("resume encoder weights", [*P, "--resume", "{tmp}/weights.pth"], "not a full pretraining checkpoint"),
     Row("init_weight missing", [*P, "--init_weight", "{tmp}/nope.pth"], "no such checkpoint"),
     Row("auto-resume, only checkpoint damaged", P, "no readable checkpoint", setup=damaged_last),
+    Row(
+        "auto-resume from an older one, bad data",
+        [*P, "--data_path", "{tmp}/nowhere"],
+        "is not a folder",
+        setup=damaged_last_older_good,
+    ),  # fmt: skip
     Row("auto-resume, all damaged", P, "checkpoint-0001.pth: is not a full pretraining", setup=all_damaged),
     # -- reconstruct -------------------------------------------------------------------------------
     Row("checkpoint missing", ["reconstruct", "{tmp}/nope.pth", "-o", "{out}/r.png"], "no such checkpoint"),

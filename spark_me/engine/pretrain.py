@@ -33,7 +33,7 @@ from spark_me.engine.optim import (
     weight_decay_at,
 )
 from spark_me.engine.preemption import PREEMPTED_EXIT, Preempted, StopRequest
-from spark_me.engine.resume import MidEpochSaver, full_state, resume_source
+from spark_me.engine.resume import MidEpochSaver, full_state, keep_unreadable, resume_source
 from spark_me.models.registry import create_encoder
 from spark_me.models.spark import SparK
 from spark_me.sparse.sync_batchnorm import convert_sync_batchnorm
@@ -231,21 +231,36 @@ def run(cfg: PretrainConfig) -> int:
 def _run(cfg: PretrainConfig, env: DistEnv, output: Path, stop: StopRequest) -> int:
     # -- set-up: everything that can refuse the run comes before the first write to output_dir --
     torch.manual_seed(cfg.seed + env.rank)
-    resume = resume_source(cfg, env, output)
+    found = resume_source(cfg, env, output)
+    resume = found.path
     state = checkpoint.load(resume) if resume else None
     if cfg.data_path is None:
         log.info("no --data_path: pretraining on the embedded photographs (preset %r)", cfg.preset)
     loader, sampler = build_loader(cfg, env)
-    model = build_model(cfg, output / "dataflows.json" if env.is_main else None).to(env.device)
-    if cfg.init_weight:
-        weights = converters.from_timm(converters.load_state(cfg.init_weight), cfg.arch, **cfg.model_kwargs)
-        model.encoder.load_state_dict(weights, strict=True)
-        log.info("encoder initialised from %s", cfg.init_weight)
-
-    lr, eff_batch = scaled_lr(cfg, env.world_size)
     steps_per_epoch = len(loader) // cfg.accum_iter
     if steps_per_epoch == 0:
         raise ValueError(f"--accum_iter {cfg.accum_iter} exceeds the {len(loader)} batches of an epoch")
+    layout = {
+        "world_size": env.world_size,
+        "batch_size": cfg.batch_size,
+        "accum_iter": cfg.accum_iter,
+        "samples": len(loader.dataset),
+    }
+    position = EpochPosition.from_dict(state["position"]) if state and state.get("position") else None
+    differ = position.mismatch(layout) if position else None
+    if differ:
+        raise ValueError(
+            f"{resume} was saved inside epoch {position.epoch + 1} of a run laid out differently "
+            f"({differ}): resume with the same settings, or from an epoch-end checkpoint "
+            f"(--resume {output / 'checkpoint-last.pth'})"
+        )
+    init = converters.load_state(cfg.init_weight) if cfg.init_weight else None
+    model = build_model(cfg, output / "dataflows.json" if env.is_main else None).to(env.device)
+    if init is not None:
+        model.encoder.load_state_dict(converters.from_timm(init, cfg.arch, **cfg.model_kwargs), strict=True)
+        log.info("encoder initialised from %s", cfg.init_weight)
+
+    lr, eff_batch = scaled_lr(cfg, env.world_size)
     if len(loader) % cfg.accum_iter:
         log.info(
             "--accum_iter %d does not divide the %d batches of an epoch: the last %d of each epoch "
@@ -277,22 +292,8 @@ def _run(cfg: PretrainConfig, env: DistEnv, output: Path, stop: StopRequest) -> 
     )
 
     # -- resume ---------------------------------------------------------------------------------
-    layout = {
-        "world_size": env.world_size,
-        "batch_size": cfg.batch_size,
-        "accum_iter": cfg.accum_iter,
-        "samples": len(loader.dataset),
-    }
-    start_epoch, step, position = 0, 0, None
+    start_epoch, step = 0, 0
     if state is not None:
-        position = EpochPosition.from_dict(state["position"]) if state.get("position") else None
-        differ = position.mismatch(layout) if position else None
-        if differ:
-            raise ValueError(
-                f"{resume} was saved inside epoch {position.epoch + 1} of a run laid out differently "
-                f"({differ}): resume with the same settings, or from an epoch-end checkpoint "
-                f"(--resume {output / 'checkpoint-last.pth'})"
-            )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scaler and state.get("scaler"):
@@ -300,7 +301,8 @@ def _run(cfg: PretrainConfig, env: DistEnv, output: Path, stop: StopRequest) -> 
         start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
         where = f", batch {position.batch} of the epoch" if position else ""
         log.info("resumed from %s: epoch %d%s, step %d", resume, start_epoch + 1, where, step)
-    if env.is_main:
+    if env.is_main:  # every check passed: the first changes to output_dir
+        keep_unreadable(found)
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
