@@ -70,6 +70,10 @@ class GenericSparseEncoder(SparseEncoder):
     removed because they run after the last stage.
     """
 
+    # convert_sync_batchnorm leaves the model's BatchNorms alone and sets `sync_group` instead: the
+    # batch_norm handler then synchronises the statistics of the visible sites (norm.py).
+    syncs_batchnorm_itself = True
+
     def __init__(self, model: nn.Module, stages: Sequence[str] | None = None, name: str | None = None):
         super().__init__()
         self.arch = name or type(model).__name__
@@ -206,10 +210,13 @@ def _input_channels(model: nn.Module) -> int:
 
 
 def _prune(model: nn.Module, ran: set[str]) -> list[str]:
-    """Replace the modules (with state) that never ran by `nn.Identity`; their names."""
+    """Replace the modules (with state) of which no part ran by `nn.Identity`; their names.
+
+    Containers count as run when a descendant ran (a ModuleList is iterated, never called)."""
+    reached = {p.rsplit(".", i)[0] for p in ran for i in range(p.count(".") + 1)}
     dropped = []
     for path, module in list(model.named_modules()):
-        if not path or path in ran or any(path.startswith(d + ".") for d in dropped):
+        if not path or path in reached or any(path.startswith(d + ".") for d in dropped):
             continue
         if next(module.parameters(), None) is None and next(module.buffers(), None) is None:
             continue

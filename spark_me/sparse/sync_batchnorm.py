@@ -125,8 +125,13 @@ def convert_sync_batchnorm(module: nn.Module, group=None) -> nn.Module:
     """
     from spark_me.sparse.layers import SparseBatchNorm2d
 
+    if getattr(module, "syncs_batchnorm_itself", False):  # a generic encoder: its BN handler syncs
+        module.sync_group = group
+        return module
     for name, child in list(module.named_children()):
-        if isinstance(child, SparseBatchNorm2d | SyncBatchNorm2dRows):
+        if getattr(child, "syncs_batchnorm_itself", False):
+            child.sync_group = group
+        elif isinstance(child, SparseBatchNorm2d | SyncBatchNorm2dRows):
             child.sync_group = group
         elif type(child) is nn.BatchNorm2d:
             on_cuda = child.weight is not None and child.weight.is_cuda

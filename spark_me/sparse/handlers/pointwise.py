@@ -135,3 +135,15 @@ for _func in _out_of_place():
     handles(_func)(elementwise(_func))
 for _func, _base in _in_place().items():
     handles(_func)(in_place(_base))
+
+
+@handles(Tensor.expand_as)
+def expand_as(input, other):
+    """A per-image / per-channel gate expanded over a map (ECA's ``y.expand_as(x)``): a value on the
+    map's sites, each holding its image's (or the shared) row."""
+    if isinstance(input, SparseValue):
+        if tuple(input.shape) != tuple(other.shape):
+            raise input.context.unsupported(f"expand_as from {tuple(input.shape)} to {tuple(other.shape)}")
+        return input
+    rows = as_rows(input, other)
+    return other.with_feats(rows.expand(len(other.feats), *rows.shape[1:]))
