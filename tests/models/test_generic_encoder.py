@@ -106,7 +106,7 @@ def _with(op: Callable[[torch.Tensor], torch.Tensor]) -> nn.Module:
     [
         (lambda x: F.pad(x, (0, 1, 0, 1))[..., :-1, :-1], "F.pad"),
         (lambda x: torch.flip(x, (3,)), "torch.flip"),
-        (lambda x: F.conv2d(x, torch.ones(x.shape[1], 1, 3, 3), padding=2, dilation=2, groups=x.shape[1]), "dilated"),
+        (lambda x: F.conv2d(x, x.new_ones(x.shape[1], 1, 3, 3), padding=2, dilation=2, groups=x.shape[1]), "dilated"),
         (lambda x: F.conv2d(x, torch.ones(x.shape[1], 1, 3, 3), padding=0, groups=x.shape[1]), "padding 0"),
         (lambda x: x.flatten(2).mean(2)[:, :, None, None] * x, "flatten"),
         (lambda x: F.interpolate(x, scale_factor=2, mode="bilinear")[..., ::2, ::2], "bilinear"),
@@ -129,7 +129,9 @@ def test_refusals_of_whole_models(tmp_path: Path, caplog: pytest.LogCaptureFixtu
     with pytest.raises(ValueError, match="unknown architecture 'resnet5000': not a timm model"):
         spark_me.create_encoder("resnet5000")
     caplog.set_level(logging.ERROR)
-    assert cli.main(["pretrain", *TINY_RUN, "--arch", "tf_efficientnet_b0", "--output_dir", str(tmp_path)]) == 1
+    assert (
+        cli.main(["pretrain", *TINY_RUN, "--arch", "tf_efficientnet_b0", "--output_dir", str(tmp_path)]) == 1
+    )
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "F.pad" in errors[0] and "'conv_stem'" in errors[0], errors
     assert not list(tmp_path.glob("*.pth"))
@@ -145,11 +147,15 @@ def test_convert_sync_batchnorm_leaves_the_models_batchnorms_to_the_handler() ->
 
 def test_pretrain_a_timm_family_and_export(tmp_path: Path) -> None:
     arch = "mobilenetv3_large_100"
-    assert cli.main(["pretrain", *TINY_RUN, "--arch", arch, "--epochs", "1", "--output_dir", str(tmp_path)]) == 0
+    assert (
+        cli.main(["pretrain", *TINY_RUN, "--arch", arch, "--epochs", "1", "--output_dir", str(tmp_path)]) == 0
+    )
     state = torch.load(tmp_path / "timm-last.pth", weights_only=True)
     result = timm.create_model(arch, num_classes=0).load_state_dict(state, strict=False)
     assert result.unexpected_keys == [] and set(result.missing_keys) == {"conv_head.weight", "conv_head.bias"}
-    assert cli.main(["reconstruct", str(tmp_path / "checkpoint-last.pth"), "-o", str(tmp_path / "r.png")]) == 0
+    assert (
+        cli.main(["reconstruct", str(tmp_path / "checkpoint-last.pth"), "-o", str(tmp_path / "r.png")]) == 0
+    )
     assert (tmp_path / "r.png").stat().st_size > 0
 
 
