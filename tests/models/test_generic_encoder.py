@@ -101,13 +101,18 @@ def _with(op: Callable[[torch.Tensor], torch.Tensor]) -> nn.Module:
     return model
 
 
+def _dw(x: torch.Tensor) -> torch.Tensor:
+    """A 3x3 depthwise kernel for x's channels."""
+    return torch.ones(x.shape[1], 1, 3, 3)
+
+
 @pytest.mark.parametrize(
     "op, named",
     [
         (lambda x: F.pad(x, (0, 1, 0, 1))[..., :-1, :-1], "F.pad"),
         (lambda x: torch.flip(x, (3,)), "torch.flip"),
-        (lambda x: F.conv2d(x, x.new_ones(x.shape[1], 1, 3, 3), padding=2, dilation=2, groups=x.shape[1]), "dilated"),
-        (lambda x: F.conv2d(x, torch.ones(x.shape[1], 1, 3, 3), padding=0, groups=x.shape[1]), "padding 0"),
+        (lambda x: F.conv2d(x, _dw(x), padding=2, dilation=2, groups=x.shape[1]), "dilated"),
+        (lambda x: F.conv2d(x, _dw(x), padding=0, groups=x.shape[1]), "padding 0"),
         (lambda x: x.flatten(2).mean(2)[:, :, None, None] * x, "flatten"),
         (lambda x: F.interpolate(x, scale_factor=2, mode="bilinear")[..., ::2, ::2], "bilinear"),
         (lambda x: x.permute(0, 1, 3, 2), "permute"),
