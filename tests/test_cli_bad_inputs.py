@@ -118,6 +118,8 @@ ROWS = [
     Row("save_every_steps negative", [*P, "--save_every_steps", "-1"], "--save_every_steps -1: must be >= 0"),
     Row("unknown flag", [*P, "--bogus", "1"], "unrecognized arguments: --bogus 1", 2),
     Row("unknown architecture", [*P, "--arch", "resnet42"], "unknown architecture 'resnet42'"),
+    Row("model not importable", [*P, "--model", "nosuchpkg.mod:make"], "cannot import nosuchpkg.mod"),
+    Row("model not a factory path", [*P, "--model", "justaname"], "expected 'package.module:factory'"),
     Row("batch larger than the data", [*P, "--batch_size", "25"], "fewer than one batch"),
     # -- pretrain: data, weights, checkpoints ------------------------------------------------------
     Row("data_path missing", [*P, "--data_path", "{tmp}/nowhere"], "nowhere is not a folder"),
