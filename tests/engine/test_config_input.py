@@ -29,7 +29,7 @@ def test_yaml_errors_name_line_column_and_what_was_expected(tmp_path: Path) -> N
     with pytest.raises(ValueError, match="holds a YAML str, expected a mapping"):
         read_config_file(path)
     assert yaml_mapping("{depths: [1, 1, 3, 1]}") == {"depths": [1, 1, 3, 1]}
-    with pytest.raises(argparse.ArgumentTypeError, match=r"line 1, column 11: .*flow sequence"):
+    with pytest.raises(argparse.ArgumentTypeError, match=r"line 1, column 17: expected .*flow sequence"):
         yaml_mapping("{depths: [1 2: 3}")
 
 
