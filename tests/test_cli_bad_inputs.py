@@ -104,6 +104,7 @@ ROWS = [
         "output_dir is a file", [*P, "--output_dir", "{tmp}/a-file.txt"], "a-file.txt is a file, not a folder"
     ),
     Row("output_dir under a file", [*P, "--output_dir", "{tmp}/a-file.txt/run"], "is a file, not a folder"),
+    Row("log_dir is a file", [*P, "--log_dir", "{tmp}/a-file.txt"], "--log_dir"),
     Row("output_dir not writable", [*P, "--output_dir", "/sys/spark-me-run"], "/sys is not writable"),
     # -- pretrain: option values -------------------------------------------------------------------
     Row("epochs zero", [*P, "--epochs", "0"], "--epochs 0: must be >= 1"),

@@ -224,9 +224,10 @@ def resolve(argv: list[str] | None = None) -> PretrainConfig:
     if values.get("betas") is not None:
         values["betas"] = tuple(values["betas"])
     cfg = validate(PretrainConfig(**values))
-    problem = output_dir_problem(cfg.output_dir)  # the filesystem, so not in validate()
-    if problem:
-        raise ValueError(problem)
+    for flag, folder in (("--output_dir", cfg.output_dir), ("--log_dir", cfg.log_dir)):
+        problem = output_dir_problem(folder, flag) if folder else None  # the filesystem: not in validate()
+        if problem:
+            raise ValueError(problem)
     return cfg
 
 

@@ -187,7 +187,10 @@ def test_torchrun_sigterm_on_rank_0_stops_both_ranks_at_the_same_step(tmp_path: 
     assert torchrun(straight, "-m", "spark_me.cli").returncode == 0
     stopped = torchrun(killed, str(script))
     assert stopped.returncode != 0
-    assert stopped.stderr.count(f"exitcode  : {PREEMPTED_EXIT}") == 2, stopped.stderr[-4000:]  # both ranks
+    # torchrun reports the first worker to exit (it then SIGTERMs the other, which may be exiting
+    # already): one 75 is visible; that both ranks stopped after the same step shows in the state
+    # below (rank 1's random state reached rank 0 through an all-gather at that step boundary)
+    assert f"exitcode: {PREEMPTED_EXIT}" in stopped.stderr.replace("  :", ":"), stopped.stderr[-4000:]
     assert "stopped by SIGTERM in epoch 2 after step 5" in stopped.stderr
     mid = load(killed / checkpoint.MID_EPOCH)
     assert (mid["step"], mid["position"]["batch"], mid["position"]["layout"]["world_size"]) == (5, 2, 2)
