@@ -3,15 +3,35 @@
 from __future__ import annotations
 
 import json
+import time
+from collections import Counter
 
 import pytest
 import torch
 
+from spark_me.sparse import dataflows
 from spark_me.sparse.dataflows import SparseOp, candidates
 from spark_me.sparse.geometry import layout_of
-from spark_me.sparse.layers import SparseConv2d, SparseDepthwiseConv2d
+from spark_me.sparse.layers import SparseConv2d, SparseDepthwiseConv2d, SparseMaxPool2d
 from spark_me.sparse.tensor import sparsify
 from spark_me.sparse.tuner import DataflowTuner, rule
+
+DELAY = 0.03  # seconds a "slow" dataflow sleeps: far above any tiny op's time, even on a busy host
+
+
+class Recorder:
+    """The tuner's runner seam: runs the real dataflow, records its name, and sleeps first for the
+    names in `slow` (a fake dataflow that is measurably slower)."""
+
+    def __init__(self, slow: tuple[str, ...] = ()):
+        self.slow = set(slow)
+        self.calls: list[str] = []
+
+    def __call__(self, name: str, op: SparseOp, x, weight, bias):
+        self.calls.append(name)
+        if name in self.slow:
+            time.sleep(DELAY)
+        return dataflows.run(name, op, x, weight, bias)
 
 
 def sample(gen, stride: int = 4, channels: int = 8):
@@ -76,3 +96,100 @@ def test_bad_mode_and_bad_cache_are_refused(tmp_path) -> None:
     bad.write_text(json.dumps({"choices": {"k": "warp"}}))
     with pytest.raises(ValueError, match="unknown dataflows"):
         DataflowTuner(cache_file=bad)
+
+
+@pytest.mark.parametrize("fast", ["block", "dense", "gemm"])
+def test_auto_times_the_dataflow_it_names(gen, fast: str) -> None:
+    """Every candidate but `fast` sleeps: only if each timing is that of the dataflow it is recorded
+    for does `fast` win (whatever the real dataflows' speeds), and each runs warm-up + repeats."""
+    conv = SparseConv2d(8, 8, 3)
+    slow = tuple(n for n in candidates(conv.op) if n != fast)
+    recorder = Recorder(slow)
+    conv.tuner = DataflowTuner("auto", repeats=1, runner=recorder)
+    conv(sample(gen))
+    (key,) = conv.tuner.timings
+    timings = conv.tuner.timings[key]
+    assert Counter(recorder.calls) == {n: 2 for n in candidates(conv.op)}
+    assert all(timings[n] >= DELAY for n in slow), timings
+    assert timings[fast] < DELAY, timings
+    assert conv.last_dataflow == conv.tuner.choices[key] == fast
+
+
+def test_rules_mode_never_measures(gen) -> None:
+    x = sample(gen)
+    recorder = Recorder()
+    tuner = DataflowTuner("rules", runner=recorder)
+    layers = [SparseConv2d(8, 8, 3), SparseConv2d(8, 8, 3, 2), SparseDepthwiseConv2d(8, 7), SparseMaxPool2d(3, 2, 8)]
+    for layer in layers:
+        layer.tuner = tuner
+        layer(x)
+        assert layer.last_dataflow == rule(layer.op, layout_of(x))
+    assert recorder.calls == [] and tuner.timings == {}
+    assert len(tuner.choices) == len(layers)
+
+
+def test_keys_separate_device_dtype_block_and_size(gen) -> None:
+    op = SparseOp("conv", 3, 1, 8, 8)
+    at4, at8 = layout_of(sample(gen, 4)), layout_of(sample(gen, 8))  # blocks 8 and 4
+    big = sparsify(torch.randn(2, 8, 8 * 8, 8 * 8, generator=gen), torch.ones(2, 8, 8, dtype=torch.bool), 4)
+    cpu, f32 = torch.device("cpu"), torch.float32
+    keys = [
+        DataflowTuner.key(op, at4, f32, cpu),
+        DataflowTuner.key(op, at4, f32, torch.device("cuda")),
+        DataflowTuner.key(op, at4, torch.bfloat16, cpu),
+        DataflowTuner.key(op, at8, f32, cpu),
+        DataflowTuner.key(op, layout_of(big), f32, cpu),  # block 8 too, 128 cells instead of <= 12
+        DataflowTuner.key(SparseOp("conv", 3, 1, 8, 16), at4, f32, cpu),
+    ]
+    assert len(set(keys)) == len(keys), keys
+    assert DataflowTuner.key(op, at4, f32, cpu) == keys[0]  # and the same case finds the same key
+
+
+def test_a_choice_for_another_device_is_not_used(gen) -> None:
+    x = sample(gen)
+    conv = SparseConv2d(8, 8, 3)
+    recorder = Recorder()
+    conv.tuner = DataflowTuner("auto", repeats=1, runner=recorder)
+    conv.tuner.choices[DataflowTuner.key(conv.op, layout_of(x), torch.float32, torch.device("cuda"))] = "me"
+    conv(x)
+    assert Counter(recorder.calls) == {n: 2 for n in candidates(conv.op)}
+    assert conv.last_dataflow != "me"
+
+
+def test_a_loaded_cache_is_used_without_measuring(gen, tmp_path) -> None:
+    x = sample(gen)
+    conv, dw = SparseConv2d(8, 8, 3), SparseDepthwiseConv2d(8, 7)
+    cache = tmp_path / "dataflows.json"
+    conv.tuner = dw.tuner = DataflowTuner("auto", cache_file=cache, repeats=1)
+    conv(x), dw(x)
+    data = json.loads(cache.read_text())
+    assert len(data["choices"]) == 2
+    # plant choices the measurement would hardly make: the slow reference, and the other candidate
+    planted = {
+        k: "me" if k.startswith("conv") else next(n for n in candidates(dw.op) if n != v)
+        for k, v in data["choices"].items()
+    }
+    cache.write_text(json.dumps({"choices": planted}))
+    recorder = Recorder()
+    conv.tuner = dw.tuner = DataflowTuner("auto", cache_file=cache, runner=recorder)
+    conv(x), dw(x)
+    assert recorder.calls == []
+    assert {conv.last_dataflow, dw.last_dataflow} == set(planted.values())
+
+
+@pytest.mark.parametrize(
+    ("op", "flow"),
+    [(SparseOp("depthwise", 7, 1, 8, 8), "gemm"), (SparseOp("maxpool", 3, 2, 8, 8), "gemm")],
+)
+def test_a_cached_dataflow_that_cannot_run_the_op_is_refused_at_load(gen, tmp_path, op, flow) -> None:
+    key = DataflowTuner.key(op, layout_of(sample(gen)), torch.float32, torch.device("cpu"))
+    cache = tmp_path / "dataflows.json"
+    cache.write_text(json.dumps({"choices": {key: flow}}))
+    with pytest.raises(ValueError, match=f"dataflow '{flow}' cannot run {op!r}"):
+        DataflowTuner(cache_file=cache)
+    for ok in [*candidates(op), "me"]:  # what can run it loads
+        cache.write_text(json.dumps({"choices": {key: ok}}))
+        assert DataflowTuner(cache_file=cache).choices == {key: ok}
+    cache.write_text(json.dumps({"choices": {"warp drive": "block"}}))
+    with pytest.raises(ValueError, match="not a dataflow cache"):
+        DataflowTuner(cache_file=cache)
