@@ -119,7 +119,12 @@ def test_rules_mode_never_measures(gen) -> None:
     x = sample(gen)
     recorder = Recorder()
     tuner = DataflowTuner("rules", runner=recorder)
-    layers = [SparseConv2d(8, 8, 3), SparseConv2d(8, 8, 3, 2), SparseDepthwiseConv2d(8, 7), SparseMaxPool2d(3, 2, 8)]
+    layers = [
+        SparseConv2d(8, 8, 3),
+        SparseConv2d(8, 8, 3, 2),
+        SparseDepthwiseConv2d(8, 7),
+        SparseMaxPool2d(3, 2, 8),
+    ]
     for layer in layers:
         layer.tuner = tuner
         layer(x)
@@ -129,20 +134,27 @@ def test_rules_mode_never_measures(gen) -> None:
 
 
 def test_keys_separate_device_dtype_block_and_size(gen) -> None:
+    def layout(stride: int, cells_h: int, cells_w: int):
+        b = 32 // stride
+        x = torch.randn(2, 8, cells_h * b, cells_w * b, generator=gen)
+        return layout_of(sparsify(x, torch.ones(2, cells_h, cells_w, dtype=torch.bool), stride))
+
     op = SparseOp("conv", 3, 1, 8, 8)
-    at4, at8 = layout_of(sample(gen, 4)), layout_of(sample(gen, 8))  # blocks 8 and 4
-    big = sparsify(torch.randn(2, 8, 8 * 8, 8 * 8, generator=gen), torch.ones(2, 8, 8, dtype=torch.bool), 4)
+    base = layout(4, 1, 2)  # 4 blocks of 8x8: 256 sites
+    same_size_other_block = layout(8, 2, 4)  # 16 blocks of 4x4: 256 sites too
+    other_size = layout(4, 4, 4)  # 32 blocks of 8x8: 2048 sites
+    assert same_size_other_block.num_sites == base.num_sites
     cpu, f32 = torch.device("cpu"), torch.float32
     keys = [
-        DataflowTuner.key(op, at4, f32, cpu),
-        DataflowTuner.key(op, at4, f32, torch.device("cuda")),
-        DataflowTuner.key(op, at4, torch.bfloat16, cpu),
-        DataflowTuner.key(op, at8, f32, cpu),
-        DataflowTuner.key(op, layout_of(big), f32, cpu),  # block 8 too, 128 cells instead of <= 12
-        DataflowTuner.key(SparseOp("conv", 3, 1, 8, 16), at4, f32, cpu),
+        DataflowTuner.key(op, base, f32, cpu),
+        DataflowTuner.key(op, base, f32, torch.device("cuda")),
+        DataflowTuner.key(op, base, torch.bfloat16, cpu),
+        DataflowTuner.key(op, same_size_other_block, f32, cpu),
+        DataflowTuner.key(op, other_size, f32, cpu),
+        DataflowTuner.key(SparseOp("conv", 3, 1, 8, 16), base, f32, cpu),
     ]
     assert len(set(keys)) == len(keys), keys
-    assert DataflowTuner.key(op, at4, f32, cpu) == keys[0]  # and the same case finds the same key
+    assert DataflowTuner.key(op, layout(4, 1, 2), f32, cpu) == keys[0]  # the same case finds its key
 
 
 def test_a_choice_for_another_device_is_not_used(gen) -> None:
