@@ -113,6 +113,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     cfg = PretrainConfig(
         arch=config["arch"],
         model_kwargs=config.get("model_kwargs") or {},
+        model=config.get("model"),
+        stages=config.get("stages"),
         decoder_width=config["decoder_width"],
         mask_ratio=mask_ratio,
     )

@@ -90,9 +90,14 @@ class _ConvKernel(_Flow):
     padding = 0
 
     def kernel(self, g: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-        if self.op.kind == "maxpool":
-            return F.max_pool2d(g, self.op.kernel_size, self.op.stride, self.padding)
-        return F.conv2d(g, weight, bias, self.op.stride, self.padding, 1, self.op.groups)
+        op = self.op
+        if op.kind == "maxpool":
+            return F.max_pool2d(g, op.kernel_size, op.stride, self.padding)
+        if op.kind == "avgpool":
+            return F.avg_pool2d(
+                g, op.kernel_size, op.stride, self.padding, count_include_pad=op.count_include_pad
+            )
+        return F.conv2d(g, weight, bias, op.stride, self.padding, 1, op.groups)
 
     def kernel_maps_backward(self, grad: Tensor, g: Tensor, weight: Tensor, needs) -> tuple:
         return torch.ops.aten.convolution_backward(
@@ -205,7 +210,7 @@ class _Gathered(torch.autograd.Function):
 
 def _run_flow(flow: type[_Flow], op: SparseOp, x: ME.SparseTensor, src, dst, weight, bias) -> Tensor:
     f = flow(op, src, dst)
-    if op.kind == "maxpool":  # weightless, one per network (the stem): plain autograd
+    if not op.weighted:  # pools: weightless, plain autograd
         return f.kernel(f.gather(x.F), None, None)
     dtype = compute_dtype(x.F, op)
     bias = bias.to(dtype) if bias is not None else None
@@ -221,8 +226,8 @@ def dense(op: SparseOp, x: ME.SparseTensor, src: BlockLayout, dst: BlockLayout, 
 
 
 def gemm(op: SparseOp, x: ME.SparseTensor, src: BlockLayout, dst: BlockLayout, weight, bias) -> Tensor:
-    if op.kind != "conv":
-        raise ValueError(f"no gemm dataflow for {op.kind}")
+    if op.kind != "conv" or op.groups != 1:
+        raise ValueError(f"no gemm dataflow for {op!r}")
     return _run_flow(_Gemm, op, x, src, dst, weight, bias)
 
 
@@ -232,8 +237,16 @@ DATAFLOWS: dict[str, Dataflow] = {"block": block, "dense": dense, "gemm": gemm, 
 
 def candidates(op: SparseOp) -> list[str]:
     """The plain-torch dataflows that can compute `op` (what the tuner measures; ``me``, the slow
-    reference, runs only when forced)."""
-    return ["block", "dense", "gemm"] if op.kind == "conv" else ["block", "dense"]
+    reference, runs only when forced).
+
+    An average pool that leaves padding out of its divisor runs ``dense`` only: a block's halo
+    cannot tell out-of-image padding (not counted) from masked neighbours (counted, as zeros).
+    """
+    if op.kind == "conv" and op.groups == 1:
+        return ["block", "dense", "gemm"]
+    if op.kind == "avgpool" and op.halo and not op.count_include_pad:
+        return ["dense"]
+    return ["block", "dense"]
 
 
 def run(name: str, op: SparseOp, x: ME.SparseTensor, weight: Tensor | None, bias: Tensor | None):

@@ -58,8 +58,22 @@ def _me_kernel_map(op: SparseOp, x: ME.SparseTensor) -> list[tuple[int, Tensor, 
     return [(o, io[0].long().to(x.device), io[1].long().to(x.device)) for o, io in kernel_map.items()]
 
 
+def supports(op: SparseOp) -> bool:
+    """Whether MinkowskiEngine has a function for `op` (see `me`)."""
+    if op.kind == "avgpool" or (op.kind == "conv" and op.groups > 1):
+        return False
+    return not (op.kind == "depthwise" and op.stride != 1)
+
+
 def me(op: SparseOp, x: ME.SparseTensor, src: BlockLayout | None, dst: BlockLayout | None, weight, bias):
-    """MinkowskiEngine's own function. Returns (features, key): canonical order and key when `dst`."""
+    """MinkowskiEngine's own function. Returns (features, key): canonical order and key when `dst`.
+
+    ME has no grouped convolution, no average pool with torch's divisor rules and only stride-1
+    channel-wise kernels here: those ops have no ``me`` form (their reference in the tests is the
+    masked-dense oracle).
+    """
+    if not supports(op):
+        raise ValueError(f"MinkowskiEngine has no function for {op!r}; use another dataflow")
     feats = x.F if x.F.dtype in (torch.float32, torch.float64) else x.F.float()
     with torch.autocast(x.device.type, enabled=False):
         if op.kind == "depthwise":

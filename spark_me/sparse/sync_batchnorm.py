@@ -61,14 +61,37 @@ def sync_batch_norm_rows(bn: nn.modules.batchnorm._BatchNorm, rows: Tensor, grou
     `group`; updates `bn`'s running statistics exactly as a single process holding all rows would."""
     if bn.weight is None:
         raise ValueError("synchronised BatchNorm needs affine parameters")
-    y, mean, var, count = _SyncBatchNormRows.apply(rows, bn.weight, bn.bias, bn.eps, group)
+    momentum = bn.momentum
     if bn.track_running_stats:
+        bn.num_batches_tracked.add_(1)
+        if momentum is None:  # cumulative moving average
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    running = (bn.running_mean, bn.running_var) if bn.track_running_stats else (None, None)
+    return sync_batch_norm(rows, *running, bn.weight, bn.bias, momentum, bn.eps, group)
+
+
+def sync_batch_norm(
+    rows: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float,
+    eps: float,
+    group=None,
+) -> Tensor:
+    """`F.batch_norm(rows, ..., training=True)` with statistics over the rows [N, C] of every
+    process in `group`; the running statistics (if given) move towards the global batch statistics
+    (unbiased variance) by `momentum`, as F.batch_norm's would."""
+    channels = rows.shape[1]
+    weight = weight if weight is not None else rows.new_ones(channels)
+    bias = bias if bias is not None else rows.new_zeros(channels)
+    y, mean, var, count = _SyncBatchNormRows.apply(rows, weight, bias, eps, group)
+    if running_mean is not None and running_var is not None:
         with torch.no_grad():
-            bn.num_batches_tracked.add_(1)
-            momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
             unbiased = var * (count / (count - 1)).clamp_min(0) if count > 1 else var
-            bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
-            bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), momentum)
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            running_var.lerp_(unbiased.to(running_var.dtype), momentum)
     return y
 
 
@@ -102,8 +125,13 @@ def convert_sync_batchnorm(module: nn.Module, group=None) -> nn.Module:
     """
     from spark_me.sparse.layers import SparseBatchNorm2d
 
+    if getattr(module, "syncs_batchnorm_itself", False):  # a generic encoder: its BN handler syncs
+        module.sync_group = group
+        return module
     for name, child in list(module.named_children()):
-        if isinstance(child, SparseBatchNorm2d | SyncBatchNorm2dRows):
+        if getattr(child, "syncs_batchnorm_itself", False):
+            child.sync_group = group
+        elif isinstance(child, SparseBatchNorm2d | SyncBatchNorm2dRows):
             child.sync_group = group
         elif type(child) is nn.BatchNorm2d:
             on_cuda = child.weight is not None and child.weight.is_cuda

@@ -28,6 +28,7 @@ import torch
 from spark_me.sparse import dataflows
 from spark_me.sparse.dataflows import SparseOp
 from spark_me.sparse.geometry import BlockLayout, layout_of
+from spark_me.sparse.me_dataflow import supports as me_supports
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ def rule(op: SparseOp, layout: BlockLayout) -> str:
     Block gather costs (b+2h)^2 / b^2 of the ideal work, the densified kernel 1 / density; at
     SparK's usual density 0.4 (1/0.4 = 2.5) the gather wins while (b+2h)^2 / b^2 < 2.5.
     """
+    names = dataflows.candidates(op)
+    if len(names) == 1:
+        return names[0]
     if op.halo == 0 or op.kind == "maxpool":
         return "block"
     b, h = layout.block, op.halo
@@ -90,9 +94,8 @@ class DataflowTuner:
         if layout is None:
             return "me"
         if self.mode not in ("auto", "rules"):  # forced, where it applies (gemm: convs only)
-            return (
-                self.mode if self.mode == "me" or self.mode in dataflows.candidates(op) else rule(op, layout)
-            )
+            forced_ok = self.mode in dataflows.candidates(op) or (self.mode == "me" and me_supports(op))
+            return self.mode if forced_ok else rule(op, layout)
         key = self.key(op, layout, dataflows.compute_dtype(x.F, op), x.device)
         if key not in self.choices:
             names = dataflows.candidates(op)

@@ -1,0 +1,149 @@
+"""Elementwise ops and activations: per site, with torch's broadcasting against dense operands.
+
+Every operand is brought to rows that line up with the reference value's features ``[N, *C]``:
+another value on the same sites gives its features; a dense tensor broadcastable to the value's
+logical shape gives one row per image (``[B, C, 1, 1]``: squeeze-excite gates, drop-path masks), one
+row for all (``[1, C, 1, 1]``, ``[C]`` on channels-last: layer scale, biases), or, for a full map,
+the rows of the visible sites. Then the op itself runs on the rows: `torch.add`, `F.silu`, ... are
+called exactly as the model called them, so their numerics (and autocast) are torch's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from spark_me.sparse.value import SparseValue, first_value, handles, op_name
+
+
+def as_rows(t, ref: SparseValue):
+    """`t` (a value on `ref`'s sites, a dense tensor, or a number) as rows aligned with `ref.feats`."""
+    if isinstance(t, SparseValue):
+        if t.sites.key != ref.sites.key or t.sites.geometry is not ref.sites.geometry:
+            raise ref.context.unsupported("an elementwise op between maps of different sites or strides")
+        if t.channels_last != ref.channels_last:
+            raise ref.context.unsupported("an elementwise op between channels-first and channels-last maps")
+        return t.feats
+    if not isinstance(t, Tensor) or t.dim() == 0:
+        return t
+    shape = tuple(ref.shape)
+    if t.dim() > len(shape):
+        raise ref.context.unsupported(f"broadcasting a {t.dim()}-d tensor against a {len(shape)}-d map")
+    t = t.reshape((1,) * (len(shape) - t.dim()) + tuple(t.shape))
+    hdim, wdim = ref.spatial_dims()
+    t = t.movedim((hdim, wdim), (1, 2))  # [b, h, w, *c]
+    b, h, w = t.shape[:3]
+    if b not in (1, ref.batch):
+        raise ref.context.unsupported(f"broadcasting a batch of {b} against a batch of {ref.batch}")
+    if h == 1 and w == 1:
+        rows = t.reshape(b, *t.shape[3:])
+        return rows if b == 1 else rows.index_select(0, ref.sites.batch_index())
+    height, width = ref.sites.dense_hw
+    full = t.expand(ref.batch, height, width, *t.shape[3:]).reshape(-1, *t.shape[3:])
+    return full.index_select(0, ref.sites.dense_index())  # a dense map: its values at the sites
+
+
+def _convert(a, ref: SparseValue):
+    if isinstance(a, list | tuple):
+        return type(a)(_convert(b, ref) for b in a)
+    return as_rows(a, ref)
+
+
+def _rows_call(func: Callable, args, kwargs):
+    ref = first_value(args, kwargs)
+    out = func(*_convert(args, ref), **{k: _convert(v, ref) for k, v in kwargs.items()})
+    return ref, out
+
+
+def elementwise(func: Callable) -> Callable:
+    """The handler of an out-of-place elementwise op (an `inplace=True` keyword is honoured)."""
+
+    def handler(*args, **kwargs):
+        inplace = kwargs.pop("inplace", False)
+        ref, out = _rows_call(func, args, kwargs)
+        if not isinstance(out, Tensor) or out.shape[0] != len(ref.feats):
+            raise ref.context.unsupported(f"{op_name(func)} with these operands")
+        return args[0].assign(out) if inplace and isinstance(args[0], SparseValue) else ref.with_feats(out)
+
+    return handler
+
+
+def in_place(func: Callable) -> Callable:
+    """The handler of `x.op_(...)`: computed out of place, then `x` itself holds the result."""
+
+    def handler(x, *args, **kwargs):
+        if not isinstance(x, SparseValue):  # a dense tensor updated with a sparse operand
+            raise first_value(args, kwargs).context.unsupported(f"{op_name(func)} into a dense tensor")
+        _, out = _rows_call(func, (x, *args), kwargs)
+        return x.assign(out)
+
+    return handler
+
+
+# Out-of-place elementwise functions: torch.*, Tensor methods and operators, F.* activations.
+_UNARY_NAMES = (
+    "abs neg exp log sqrt rsqrt sigmoid tanh relu sin cos square reciprocal erf sign floor ceil round"
+    " clamp clamp_min clamp_max clip pow hardtanh nan_to_num logit"
+).split()
+_BINARY_NAMES = "add sub subtract mul multiply div divide true_divide maximum minimum where lerp addcmul addcdiv".split()
+_ACTIVATIONS = (
+    F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish,
+    F.hardsigmoid, F.hardtanh, F.softplus, F.sigmoid, F.tanh, F.prelu, F.glu, F.logsigmoid,
+    F.tanhshrink, F.softsign, F.threshold, F.rrelu,
+)  # fmt: skip
+_OPERATORS = (
+    Tensor.__add__, Tensor.__radd__, Tensor.__sub__, Tensor.__rsub__, Tensor.__mul__, Tensor.__rmul__,
+    Tensor.__truediv__, Tensor.__rtruediv__, Tensor.__pow__, Tensor.__rpow__, Tensor.__neg__,
+    Tensor.__abs__, Tensor.__gt__, Tensor.__lt__, Tensor.__ge__, Tensor.__le__, Tensor.__eq__,
+    Tensor.__ne__, Tensor.__and__, Tensor.__or__, Tensor.__invert__,
+)  # fmt: skip
+
+
+def _out_of_place() -> list[Callable]:
+    funcs: list[Callable] = [*_ACTIVATIONS, *_OPERATORS, F.dropout, torch.nn.functional.alpha_dropout]
+    for name in (*_UNARY_NAMES, *_BINARY_NAMES, "gt", "lt", "ge", "le", "eq", "ne", "logical_not"):
+        for owner in (torch, Tensor, torch.special):
+            func = getattr(owner, name, None)
+            if func is not None and func not in funcs:
+                funcs.append(func)
+    return funcs
+
+
+def _in_place() -> dict[Callable, Callable]:
+    """`Tensor.add_` -> `Tensor.add`, `torch.relu_` -> `torch.relu`, `Tensor.__iadd__` -> `__add__` ..."""
+    pairs: dict[Callable, Callable] = {}
+    for name in (*_UNARY_NAMES, *_BINARY_NAMES, "relu", "sigmoid", "hardtanh"):
+        for owner in (torch, Tensor, torch.nn.functional):
+            func, base = getattr(owner, name + "_", None), getattr(owner, name, None)
+            if func is not None and base is not None:
+                pairs.setdefault(func, base)
+    for name in ("add", "sub", "mul", "truediv", "pow", "and", "or"):
+        inplace_op = getattr(Tensor, f"__i{name}__", None)
+        if inplace_op is not None:
+            pairs[inplace_op] = getattr(Tensor, f"__{name}__")
+    for name in ("relu_", "elu_", "leaky_relu_", "hardtanh_", "celu_", "selu_", "rrelu_", "threshold_"):
+        func = getattr(F, name, None)
+        if func is not None:
+            pairs.setdefault(func, getattr(F, name[:-1]))
+    return pairs
+
+
+for _func in _out_of_place():
+    handles(_func)(elementwise(_func))
+for _func, _base in _in_place().items():
+    handles(_func)(in_place(_base))
+
+
+@handles(Tensor.expand_as)
+def expand_as(input, other):
+    """A per-image / per-channel gate expanded over a map (ECA's ``y.expand_as(x)``): a value on the
+    map's sites, each holding its image's (or the shared) row."""
+    if isinstance(input, SparseValue):
+        if tuple(input.shape) != tuple(other.shape):
+            raise input.context.unsupported(f"expand_as from {tuple(input.shape)} to {tuple(other.shape)}")
+        return input
+    rows = as_rows(input, other)
+    return other.with_feats(rows.expand(len(other.feats), *rows.shape[1:]))
