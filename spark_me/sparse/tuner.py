@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 MODES = ("auto", "rules", *dataflows.DATAFLOWS)
 # `dataflows.run`'s signature: (name, op, x, weight, bias) -> (features, output key)
 Runner = Callable[..., tuple[torch.Tensor, ME.CoordinateMapKey]]
-# a cache key's op, as `SparseOp.__repr__` writes it: "conv3x3/2 64->128 b8 n~512 float32 cpu"
-_KEY_OP = re.compile(r"([a-z]+)(\d+)x\d+/(\d+) (\d+)->(\d+) ")
+# a cache key's op, as `SparseOp.__repr__` writes it: "conv3x3/2 64->128 g2 b8 n~512 float32 cpu"
+_KEY_OP = re.compile(r"([a-z]+)(\d+)x\d+/(\d+) (\d+)->(\d+)(?: g(\d+))?( excl-pad)? b\d+ ")
 
 
 def rule(op: SparseOp, layout: BlockLayout) -> str:
@@ -149,7 +149,7 @@ class DataflowTuner:
             op = _op_of_key(key)
             if op is None:
                 raise ValueError(f"{path}: not a dataflow cache written by spark-me (key {key!r})")
-            if name != "me" and name not in dataflows.candidates(op):
+            if name not in dataflows.candidates(op) and not (name == "me" and me_supports(op)):
                 raise ValueError(f"{path}: dataflow {name!r} cannot run {op!r} (key {key!r})")
         self.choices.update(choices)
         self.timings.update(data.get("timings", {}))
@@ -160,11 +160,12 @@ def _op_of_key(key: str) -> SparseOp | None:
     match = _KEY_OP.match(key)
     if match is None:
         return None
-    kind, k, stride, cin, cout = match.groups()
+    kind, k, stride, cin, cout, groups, excl_pad = match.groups()
     try:
-        return SparseOp(kind, int(k), int(stride), int(cin), int(cout))
+        op = SparseOp(kind, int(k), int(stride), int(cin), int(cout), int(groups or 1), not excl_pad)
     except ValueError:
         return None
+    return op if key.startswith(f"{op!r} b") else None  # the whole op, as written
 
 
 def _sync(device: torch.device) -> None:

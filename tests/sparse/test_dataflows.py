@@ -1,8 +1,9 @@
 """Every dataflow == an independent reference: forward, grad-input, grad-weight, fp64.
 
-The reference is MinkowskiEngine's own function for convs and max-pools, and for depthwise convs
-(whose ``me`` dataflow is this project's code over ME's kernel map) `F.conv2d(groups=C)` on the
-zero-filled dense map, against which ``me`` is checked too. Ops as the encoders use them, at the
+The reference is MinkowskiEngine's own function for convs and max-pools (checked against the
+dense one below); for depthwise convs (whose ``me`` dataflow is this project's code over ME's
+kernel map, checked too), grouped convs and average pools (which ME lacks) it is `F.conv2d` /
+`F.avg_pool2d` on the zero-filled dense map. Ops as the encoders use them, at the
 block sizes they meet (b = 32 / stride: 8 at stride 4 down to 1 at stride 32), on odd non-square
 grids, mask ratios 0 / 0.6 / 0.9, a batch of one, an image with a single visible cell, and an
 image with none between images with some.
@@ -10,12 +11,17 @@ image with none between images with some.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from spark_me.sparse.dataflows import candidates
-from spark_me.sparse.layers import SparseConv2d, SparseDepthwiseConv2d, SparseMaxPool2d
+from spark_me.sparse.layers import SparseConv2d, SparseDepthwiseConv2d, SparseMaxPool2d, _TunedOp
+from spark_me.sparse.me_dataflow import supports as me_supports
+from spark_me.sparse.ops import SparseOp
 from spark_me.sparse.tensor import densify, sparsify, upsample_mask
 from spark_me.sparse.tuner import DataflowTuner
 
@@ -72,6 +78,8 @@ def dense_reference(layer, x: torch.Tensor, active: torch.Tensor, probe_seed: in
     if op.kind == "maxpool":
         filled = F.pad(xi.masked_fill(~visible, float("-inf")), pad, value=float("-inf"))
         y = F.max_pool2d(filled, k, s)
+    elif op.kind == "avgpool":  # aligned windows: even kernels equal the stride, no padding
+        y = F.avg_pool2d(xi * visible, k, s, lo, count_include_pad=op.count_include_pad)
     else:
         y = F.conv2d(F.pad(xi * visible, pad), layer.weight, layer.bias, s, groups=op.groups)
     y = torch.where(upsample_mask(active, *y.shape[2:]), y, torch.zeros_like(y))
@@ -86,6 +94,25 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, tol: float, what: str) -> Non
     assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.0e}"
 
 
+class OpLayer(_TunedOp):
+    """Any `SparseOp` as a layer: the ops the generic path creates without a layer class of their
+    own (grouped and strided depthwise convs, average pools)."""
+
+    def __init__(self, op: SparseOp):
+        super().__init__()
+        self.op = op
+        self.weight = self.bias = None
+        if op.weighted:
+            k = op.kernel_size
+            fan_in = op.in_channels // op.groups * k * k
+            shape = (op.out_channels, op.in_channels // op.groups, k, k)
+            self.weight = nn.Parameter(torch.randn(shape) / math.sqrt(fan_in))
+            self.bias = nn.Parameter(torch.randn(op.out_channels))
+
+    def forward(self, x):
+        return self.run_op(x, self.weight, self.bias)
+
+
 LAYERS = {
     "conv3x3/1": lambda c: SparseConv2d(c, 5, 3, 1, bias=True),
     "conv3x3/2": lambda c: SparseConv2d(c, 5, 3, 2),
@@ -96,6 +123,11 @@ LAYERS = {
     "dw7x7": lambda c: SparseDepthwiseConv2d(c, 7),
     "dw3x3": lambda c: SparseDepthwiseConv2d(c, 3),
     "maxpool3x3/2": lambda c: SparseMaxPool2d(3, 2, channels=c),
+    "conv3x3/2 g=c": lambda c: OpLayer(SparseOp("conv", 3, 2, c, 2 * c, groups=c)),
+    "dw3x3/2": lambda c: OpLayer(SparseOp("depthwise", 3, 2, c, c)),
+    "avgpool3x3/2": lambda c: OpLayer(SparseOp("avgpool", 3, 2, c, c)),
+    "avgpool3x3/1 excl-pad": lambda c: OpLayer(SparseOp("avgpool", 3, 1, c, c, count_include_pad=False)),
+    "avgpool2x2/2": lambda c: OpLayer(SparseOp("avgpool", 2, 2, c, c)),
 }
 
 
@@ -116,8 +148,12 @@ def test_dataflows_equal_a_reference(layer_name: str, stride: int, case: str, ge
     b = CELL // stride
     active = make_mask(gen, batch, grid, case)
     x = torch.randn(batch, 3, grid[0] * b, grid[1] * b, generator=gen, dtype=torch.float64)
-    if layer.op.kind == "depthwise":
-        ref, names = dense_reference(layer, x, active), ["me", *candidates(layer.op)]
+    op = layer.op
+    if op.kind == "depthwise" or not me_supports(op):
+        ref, names = (
+            dense_reference(layer, x, active),
+            [*candidates(op), *(["me"] if me_supports(op) else [])],
+        )
     else:
         ref, names = run(layer, "me", x, active, stride), candidates(layer.op)
         assert ref[3] == "me"
