@@ -60,7 +60,7 @@ def worker(rank: int, port: int, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The folder where 2 gloo processes saved their results (rank{r}.pt, encoder{r}.pt)."""
+    """The folder where 2 gloo processes saved their results (rank{r}.pt, {encoder kind}{r}.pt)."""
     out = tmp_path_factory.mktemp("sync_bn")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -107,12 +107,14 @@ def test_conversion_keeps_keys_and_leaves_single_process_runs_alone() -> None:
     )
 
 
-# -- through the layers: a small sparse ResNet under DDP ------------------------------------------
+# -- through the layers: small sparse ResNets under DDP -------------------------------------------
+
+ENCODERS = ("hand-written", "generic")  # spark-me's SparseResNet, and timm's ResNet run generically
 
 
-def make_encoder() -> nn.Module:
+def make_encoder(kind: str) -> nn.Module:
     torch.manual_seed(0)
-    encoder = spark_me.create_encoder("resnet18", dataflow="rules", layers=(1, 1, 1, 1))
+    encoder = spark_me.create_encoder("resnet18", "rules", generic=kind == "generic", layers=(1, 1, 1, 1))
     randomize(encoder, torch.Generator().manual_seed(1))  # BN weights away from 0/1, stats away from 0/1
     return encoder.double().train()
 
@@ -127,13 +129,13 @@ def encoder_data() -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     return images, active, probes
 
 
-def encoder_step(model: nn.Module, bns: nn.Module, images, active, probes) -> dict:
-    """One train-mode forward/backward: BN outputs [N, C] by name, input and parameter gradients,
-    running statistics."""
+def encoder_step(model: nn.Module, encoder: nn.Module, images, active, probes) -> dict:
+    """One train-mode forward/backward: the maps, the sparse BNs' outputs [N, C] by name (those of
+    the hand-written encoder), input and parameter gradients, running statistics."""
     outputs = {}
     hooks = [
         m.register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o.F.detach().clone()))
-        for name, m in bns.named_modules()
+        for name, m in encoder.named_modules()
         if isinstance(m, SparseBatchNorm2d)
     ]
     images = images.clone().requires_grad_(True)
@@ -142,46 +144,52 @@ def encoder_step(model: nn.Module, bns: nn.Module, images, active, probes) -> di
     for hook in hooks:
         hook.remove()
     return {
+        "maps": [m.detach() for m in maps],
         "bn": outputs,
         "grad_images": images.grad,
-        "grads": {n: p.grad.clone() for n, p in bns.named_parameters()},
-        "stats": {n: b.clone() for n, b in bns.named_buffers() if "running" in n},
+        "grads": {n: p.grad.clone() for n, p in encoder.named_parameters()},
+        "stats": {n: b.clone() for n, b in encoder.named_buffers() if "running" in n},
     }
 
 
 def encoder_worker(rank: int, out: str) -> None:
-    encoder = convert_sync_batchnorm(make_encoder())
     images, active, probes = encoder_data()
     mine = slice(rank, rank + 1)
-    ddp = DistributedDataParallel(encoder)
-    result = encoder_step(ddp, encoder, images[mine], active[mine], [p[mine] for p in probes])
-    torch.save(result, Path(out) / f"encoder{rank}.pt")
+    for kind in ENCODERS:
+        encoder = convert_sync_batchnorm(make_encoder(kind))
+        ddp = DistributedDataParallel(encoder)
+        result = encoder_step(ddp, encoder, images[mine], active[mine], [p[mine] for p in probes])
+        torch.save(result, Path(out) / f"{kind}{rank}.pt")
 
 
-def test_sparse_encoder_bns_synchronise_under_ddp(two_processes: Path) -> None:
-    """Rank r holds image r (5 and 2 visible cells): every BN output, the input gradients, the
-    (DDP-averaged) parameter gradients and the running statistics equal those of one process that
-    holds both images."""
-    ranks = [torch.load(two_processes / f"encoder{r}.pt") for r in (0, 1)]
-    single = make_encoder()
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return float((a - b).abs().max()) <= 1e-10 * max(float(b.abs().max()), 1e-30)
+
+
+@pytest.mark.parametrize("kind", ENCODERS)
+def test_sparse_encoder_bns_synchronise_under_ddp(two_processes: Path, kind: str) -> None:
+    """Rank r holds image r (5 and 2 visible cells): the maps, every sparse BN output, the input
+    gradients, the (DDP-averaged) parameter gradients and the running statistics equal those of
+    one process that holds both images."""
+    ranks = [torch.load(two_processes / f"{kind}{r}.pt") for r in (0, 1)]
+    single = make_encoder(kind)
     want = encoder_step(single, single, *encoder_data())
 
-    def close(a: torch.Tensor, b: torch.Tensor) -> bool:
-        return float((a - b).abs().max()) <= 1e-10 * max(float(b.abs().max()), 1e-30)
-
-    assert len(want["bn"]) == 12 and len(want["stats"]) == 24
+    assert len(want["stats"]) == 2 * 12 and len(want["bn"]) == (12 if kind == "hand-written" else 0)
     for name, rows in want["bn"].items():  # block-major rows: image 0's sites, then image 1's
         assert len(ranks[0]["bn"][name]) != len(ranks[1]["bn"][name])
         assert close(torch.cat([r["bn"][name] for r in ranks]), rows), f"BN output {name}"
+    for i, m in enumerate(want["maps"]):
+        assert close(torch.cat([r["maps"][i] for r in ranks]), m), f"map {i}"
     assert close(torch.cat([r["grad_images"] for r in ranks]), want["grad_images"])
     for r in ranks:
+        assert r["grads"].keys() == want["grads"].keys()
         for name, grad in want["grads"].items():  # the loss is the sum of the ranks'; DDP averages
             assert close(r["grads"][name], grad / 2), f"grad {name}"
         for name, stat in want["stats"].items():
             assert close(r["stats"][name], stat), f"running stat {name}"
-    # and local statistics would differ: the first BN on image 0 alone
-    local = make_encoder()
-    alone = encoder_step(
-        local, local, *(t[:1] for t in encoder_data()[:2]), [p[:1] for p in encoder_data()[2]]
-    )
-    assert not close(alone["bn"]["bn1"], ranks[0]["bn"]["bn1"])
+    # and local statistics would differ: image 0 alone
+    local = make_encoder(kind)
+    images, active, probes = encoder_data()
+    alone = encoder_step(local, local, images[:1], active[:1], [p[:1] for p in probes])
+    assert not close(alone["maps"][0], ranks[0]["maps"][0])
