@@ -117,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(PRESETS),
         help="named option set; 'demo' is used when --data_path is not given",
     )
-    add("--arch", help="encoder: a spark-me or timm CNN name, e.g. resnet50, convnextv2_tiny, efficientnet_b0")
+    add(
+        "--arch", help="encoder: a spark-me or timm CNN name, e.g. resnet50, convnextv2_tiny, efficientnet_b0"
+    )
     add(
         "--model",
         help="one's own CNN instead of --arch: 'package.module:factory', a function returning the "
@@ -126,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--stages",
         type=lambda s: [p for p in s.split(",") if p],
-        help="comma-separated names of the stride 4,8,16,32 stage modules (default: the model's feature_info)",
+        help="comma-separated names of the stride 4,8,16,32 stage modules (default: feature_info)",
     )
     add(
         "--model_kwargs",

@@ -79,7 +79,9 @@ class GenericSparseEncoder(SparseEncoder):
         self.arch = name or type(model).__name__
         self.stage_names = list(stages) if stages is not None else stages_from_feature_info(model, self.arch)
         if len(self.stage_names) != 4:
-            raise ValueError(f"{self.arch}: 4 stage modules needed (strides 4, 8, 16, 32), got {self.stage_names}")
+            raise ValueError(
+                f"{self.arch}: 4 stage modules needed (strides 4, 8, 16, 32), got {self.stage_names}"
+            )
         modules = dict(model.named_modules())
         unknown = [s for s in self.stage_names if s not in modules]
         if unknown:
@@ -147,7 +149,9 @@ class GenericSparseEncoder(SparseEncoder):
             out = captured[stage]
             if not isinstance(out, SparseValue) or out.site_stride != stride or out.feats.dim() != 2:
                 what = f"stride {out.site_stride}" if isinstance(out, SparseValue) else type(out).__name__
-                raise ValueError(f"{self.arch}: stage '{stage}' gives {what}, SparK needs a map at stride {stride}")
+                raise ValueError(
+                    f"{self.arch}: stage '{stage}' gives {what}, SparK needs a map at stride {stride}"
+                )
             outputs.append(out)
         return outputs
 

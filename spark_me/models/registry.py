@@ -97,7 +97,9 @@ def _timm_model(arch: str, kwargs: dict) -> nn.Module:
     if not timm.is_model(arch):
         known = sorted(_ENCODERS) + list(TESTED_TIMM)
         close = [n for n in known if n.split("_")[0] == arch.split("_")[0]] or known
-        raise ValueError(f"unknown architecture {arch!r}: not a timm model; tested: {', '.join(sorted(close))}")
+        raise ValueError(
+            f"unknown architecture {arch!r}: not a timm model; tested: {', '.join(sorted(close))}"
+        )
     return timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
 
 

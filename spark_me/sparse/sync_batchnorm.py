@@ -129,9 +129,8 @@ def convert_sync_batchnorm(module: nn.Module, group=None) -> nn.Module:
         module.sync_group = group
         return module
     for name, child in list(module.named_children()):
-        if getattr(child, "syncs_batchnorm_itself", False):
-            child.sync_group = group
-        elif isinstance(child, SparseBatchNorm2d | SyncBatchNorm2dRows):
+        syncs_itself = getattr(child, "syncs_batchnorm_itself", False)
+        if syncs_itself or isinstance(child, SparseBatchNorm2d | SyncBatchNorm2dRows):
             child.sync_group = group
         elif type(child) is nn.BatchNorm2d:
             on_cuda = child.weight is not None and child.weight.is_cuda

@@ -85,10 +85,14 @@ def in_place(func: Callable) -> Callable:
 
 # Out-of-place elementwise functions: torch.*, Tensor methods and operators, F.* activations.
 _UNARY_NAMES = (
-    "abs neg exp log sqrt rsqrt sigmoid tanh relu sin cos square reciprocal erf sign floor ceil round"
-    " clamp clamp_min clamp_max clip pow hardtanh nan_to_num logit"
-).split()
-_BINARY_NAMES = "add sub subtract mul multiply div divide true_divide maximum minimum where lerp addcmul addcdiv".split()
+    "abs", "neg", "exp", "log", "sqrt", "rsqrt", "sigmoid", "tanh", "relu", "sin", "cos", "square",
+    "reciprocal", "erf", "sign", "floor", "ceil", "round", "clamp", "clamp_min", "clamp_max", "clip", "pow",
+    "hardtanh", "nan_to_num", "logit",
+)  # fmt: skip
+_BINARY_NAMES = (
+    "add", "sub", "subtract", "mul", "multiply", "div", "divide", "true_divide", "maximum", "minimum",
+    "where", "lerp", "addcmul", "addcdiv",
+)  # fmt: skip
 _ACTIVATIONS = (
     F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish,
     F.hardsigmoid, F.hardtanh, F.softplus, F.sigmoid, F.tanh, F.prelu, F.glu, F.logsigmoid,
