@@ -137,6 +137,8 @@ class DataflowTuner:
         tmp.replace(path)
 
     def load(self, path: str | Path) -> None:
+        """Add the choices of a cache file; refuses (ValueError) a file that is not one, or that names
+        a dataflow which cannot run the op of its key (a stale or hand-edited cache)."""
         try:
             data = json.loads(Path(path).read_text())
             choices = {str(k): str(v) for k, v in data["choices"].items()}

@@ -18,7 +18,7 @@ from spark_me.sparse.me_dataflow import supports as me_supports
 from spark_me.sparse.tensor import sparsify
 from spark_me.sparse.tuner import DataflowTuner, rule
 
-DELAY = 0.03  # seconds a "slow" dataflow sleeps: far above any tiny op's time, even on a busy host
+DELAY = 0.05  # seconds a "slow" dataflow sleeps: far above the tiny ops' time (about 1 ms)
 
 
 class Recorder:
@@ -103,18 +103,18 @@ def test_bad_mode_and_bad_cache_are_refused(tmp_path) -> None:
 @pytest.mark.parametrize("fast", ["block", "dense", "gemm"])
 def test_auto_times_the_dataflow_it_names(gen, fast: str) -> None:
     """Every candidate but `fast` sleeps: only if each timing is that of the dataflow it is recorded
-    for does `fast` win (whatever the real dataflows' speeds), and each runs warm-up + repeats."""
+    for does `fast` win (whatever the real dataflows' speeds), and each runs warm-up + repeats.
+    Best of 3, so a busy host would have to stall the tiny fast op 3 times to upset it."""
     conv = SparseConv2d(8, 8, 3)
     slow = tuple(n for n in candidates(conv.op) if n != fast)
     recorder = Recorder(slow)
-    conv.tuner = DataflowTuner("auto", repeats=1, runner=recorder)
+    conv.tuner = DataflowTuner("auto", repeats=3, runner=recorder)
     conv(sample(gen))
     (key,) = conv.tuner.timings
     timings = conv.tuner.timings[key]
-    assert Counter(recorder.calls) == {n: 2 for n in candidates(conv.op)}
+    assert Counter(recorder.calls) == {n: 4 for n in candidates(conv.op)}
     assert all(timings[n] >= DELAY for n in slow), timings
-    assert timings[fast] < DELAY, timings
-    assert conv.last_dataflow == conv.tuner.choices[key] == fast
+    assert conv.last_dataflow == conv.tuner.choices[key] == fast, timings
 
 
 def test_rules_mode_never_measures(gen) -> None:
