@@ -180,7 +180,10 @@ def _max_pool(mode: MaskedDenseMode, func: Callable, args: tuple, kwargs: dict) 
     x, axes = _only_first(mode, args, kwargs)
     if axes != CHANNELS_FIRST:
         raise Unsupported("max pool of a map that is not channels-first")
-    if kwargs.get("return_indices") or (func is not torch.max_pool2d and len(args) > 6 and args[6]):
+    position = 2 if func is F.adaptive_max_pool2d else 6  # of return_indices (torch.max_pool2d: none)
+    if kwargs.get("return_indices") or (
+        func is not torch.max_pool2d and len(args) > position and args[position]
+    ):
         raise Unsupported("max pool with return_indices")
     filled = torch.where(mode.mask(x, axes), x, torch.full((), float("-inf"), dtype=x.dtype))
     out = func(filled, *args[1:], **{k: v for k, v in kwargs.items() if k != "input"})

@@ -155,6 +155,7 @@ def test_spatial_mean_and_adaptive_pool_use_visible_sites() -> None:
         means = x.mean((2, 3), keepdim=True)  # squeeze-excite
         pooled = F.adaptive_avg_pool2d(x, 1)
         peak = x.amax((2, 3))
+        pooled_max = F.adaptive_max_pool2d(x - 10.0, 1)  # negative: masked zeros must not win
         gated = x * means.sigmoid()  # per-image broadcast, a map again
     vis = _visible(4)
     for b in range(2):
@@ -162,6 +163,7 @@ def test_spatial_mean_and_adaptive_pool_use_visible_sites() -> None:
         assert torch.allclose(means[b, :, 0, 0], sites.mean(1), rtol=1e-13, atol=0)
         assert torch.allclose(pooled[b, :, 0, 0], sites.mean(1), rtol=1e-13, atol=0)
         assert torch.equal(peak[b], sites.amax(1))
+        assert torch.equal(pooled_max[b, :, 0, 0], (sites - 10.0).amax(1))
     assert mode.axes(gated) == CF and mode.axes(means) is None
 
 
@@ -210,10 +212,27 @@ def test_shape_ops_follow_the_map() -> None:
         a, b = shuffled.split(3, dim=1)
         joined = torch.cat([b, a[:, :2]], dim=1)
         up = F.interpolate(joined, scale_factor=2, mode="nearest")
+        picked = x[:, 2].unsqueeze(1)  # [B, H, W] map, then channels-first again
     dense = x.detach()
     want = F.interpolate(dense[:, [4, 2, 5, 0, 3]], scale_factor=2.0)  # shuffled order 0 3 1 4 2 5
-    assert mode.axes(up) == CF
+    assert mode.axes(up) == CF and mode.axes(picked) == CF
     assert torch.equal(up, want)  # x is 0 at masked sites, upsampling keeps the cells
+    assert torch.equal(picked, dense[:, 2:3])
+
+
+def test_eca_gate_from_a_pooled_vector() -> None:
+    """ECA: a conv1d over the channels of the per-image mean, expanded back over the map."""
+    conv = nn.Conv1d(1, 1, 3, padding=1, bias=False).double()
+    mode = MaskedDenseMode(GRID)
+    with mode:
+        x = _map(mode, 16)
+        y = torch.sigmoid(conv(x.mean((2, 3)).view(2, 1, -1))).view(2, -1, 1, 1)
+        out = x * y.expand_as(x)
+    vis = _visible(16)
+    means = torch.stack([x[b][:, vis[b]].mean(1) for b in range(2)])  # [B, C] over visible sites
+    gate = torch.sigmoid(conv(means[:, None]))[:, 0, :, None, None]
+    assert mode.axes(out) == CF
+    assert torch.allclose(out, x * gate, rtol=1e-13, atol=0)
 
 
 # --- anything unknown raises -----------------------------------------------------------------------------
