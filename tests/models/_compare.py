@@ -76,11 +76,16 @@ def assert_grads_close(got: nn.Module, want: nn.Module, tol: float, floor: float
     """
     theirs = dict(want.named_parameters())
     mine = dict(got.named_parameters())
-    assert mine.keys() == theirs.keys()
+    # `got` may have lost the modules after its last stage (they never ran: no gradient in `want`)
+    assert mine.keys() <= theirs.keys(), sorted(mine.keys() - theirs.keys())
+    gone = [n for n in theirs.keys() - mine.keys() if theirs[n].grad is not None]
+    assert not gone, f"parameters with a gradient missing from the encoder: {gone}"
     present = [p.grad.abs().max() for p in theirs.values() if p.grad is not None]
     assert present, "no parameter received a gradient"
     least = floor * float(max(present))
     for name, p in theirs.items():
+        if name not in mine:
+            continue
         g = mine[name].grad
         assert (g is None) == (p.grad is None), f"{name}: gradient present in only one of the two"
         if p.grad is not None:
@@ -92,6 +97,8 @@ def assert_buffers_close(got: nn.Module, want: nn.Module, tol: float) -> None:
     """BN running statistics (and counters) updated identically."""
     mine = dict(got.named_buffers())
     for name, b in want.named_buffers():
+        if name not in mine:  # a module after the last stage (never ran)
+            continue
         if b.is_floating_point():
             assert rel_err(mine[name], b) <= tol, f"{name}: {rel_err(mine[name], b):.2e}"
         else:

@@ -181,7 +181,7 @@ def _head_only(model: nn.Module, keys: set[str], images: torch.Tensor) -> set[st
 def test_encoder_from_a_timm_name(gen, name: str) -> None:
     """By name (+ timm kwargs): timm's model with timm's keys; `timm-last.pth`-style loading works."""
     kwargs = FAMILIES[name] if isinstance(FAMILIES[name], dict) else {}
-    enc = _create_encoder(name, **kwargs)
+    enc = _create_encoder(name, generic=True, **kwargs)  # hand-written names too
     fresh = timm.create_model(name, num_classes=0, **kwargs)
     assert type(enc.model) is type(fresh)
     assert list(enc.stage_names) == stage_modules_of(fresh)
