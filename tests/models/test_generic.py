@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from spark_me.masking import random_mask
+from spark_me.models.masked_dense import masked_dense_features, stage_modules_of
 
 from ._compare import (
     assert_buffers_close,
@@ -44,7 +45,6 @@ from ._compare import (
     probes_for,
 )
 from ._families import FAMILIES, build
-from .masked_dense import masked_dense_features, stage_modules_of
 
 TOL = 1e-10
 TRAIN_TOL = {"efficientnet_lite0": 1e-8, "mobilenetv2_100": 1e-8}  # measured noise floor, see above

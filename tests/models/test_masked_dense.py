@@ -18,6 +18,8 @@ from torch import nn
 
 import spark_me
 from spark_me.masking import random_mask
+from spark_me.models.masked_dense import MaskedDenseMode, Unsupported, masked_dense_features, stage_modules_of
+from spark_me.models.masked_dense.axes import Axes
 
 from .._fixtures import randomize
 from ._compare import (
@@ -30,9 +32,7 @@ from ._compare import (
     probes_for,
 )
 from ._families import FAMILIES, build
-from ._map_axes import Axes
 from .conftest import TINY
-from .masked_dense import MaskedDenseMode, Unsupported, masked_dense_features, stage_modules_of
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

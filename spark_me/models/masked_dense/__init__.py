@@ -1,5 +1,6 @@
-"""The masked-dense oracle for ANY CNN: the plain dense model, run under a TorchFunctionMode that gives
-every torch op issue 19's sparse semantics, densely.
+"""The masked-dense reference for ANY CNN: the plain dense model, run under a TorchFunctionMode that
+gives every torch op SparK's sparse semantics, densely (the oracle of tests/models/test_generic.py
+and the masked-dense baseline of the benchmarks for the generic families).
 
 Why: the generic sparse path (a tensor subclass over MinkowskiEngine) must be checked against
 something built independently of it. This oracle shares no code with spark_me's sparse or model code:
@@ -39,8 +40,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from ._map_axes import CHANNELS_FIRST, Axes, Unsupported
-from ._masked_rules import RULES, op_name
+from .axes import CHANNELS_FIRST, Axes, Unsupported
+from .rules import RULES, op_name
 
 __all__ = ["MaskedDenseMode", "Unsupported", "masked_dense_features", "stage_modules_of"]
 

@@ -1,6 +1,6 @@
 """The rules of the masked-dense oracle: what each torch function does to spatial maps.
 
-One rule per kind of op (see masked_dense.py for the semantics); `RULES` maps torch's function
+One rule per kind of op (see the package docstring for the semantics); `RULES` maps torch's function
 objects (as `__torch_function__` receives them: `torch.conv2d`, `F.batch_norm`, `Tensor.add`, ...)
 to their rule. A function absent from it has no sparse meaning here and makes the oracle raise.
 """
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ._map_axes import (
+from .axes import (
     CHANNELS_FIRST,
     Axes,
     Unsupported,
@@ -30,7 +30,7 @@ from ._map_axes import (
 )
 
 if TYPE_CHECKING:
-    from .masked_dense import MaskedDenseMode
+    from . import MaskedDenseMode
 
 Rule = Callable[["MaskedDenseMode", Callable, tuple, dict], Any]
 

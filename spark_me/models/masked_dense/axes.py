@@ -1,7 +1,7 @@
 """Where a spatial map keeps its batch and spatial axes, followed through the shape ops of a forward.
 
-The masked-dense oracle (masked_dense.py) must know, for every feature map, which axes are the batch,
-the height and the width, whatever the layout (channels-first [B, C, H, W], channels-last
+The masked-dense oracle (spark_me.models.masked_dense) must know, for every feature map, which axes
+are the batch, the height and the width, whatever the layout (channels-first [B, C, H, W], channels-last
 [B, H, W, C] after a permute, a channel shuffle's [B, g, C/g, H, W]). These are pure functions of
 shapes and op arguments; any op that would move, cut or merge one of those three axes raises
 `Unsupported`, because the oracle has no sparse meaning for it.
