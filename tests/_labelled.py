@@ -52,15 +52,19 @@ def make_labelled_set(
 ) -> Path:
     """Write root/train/<class>/*.png and root/val/<class>/*.png; returns root.
 
-    `shuffle_train_labels` files each training image under a random class folder (same counts per
-    class), so the training labels carry no information; `unreadable` adds that many corrupt .png
+    `shuffle_train_labels` files each class's training images evenly and at random under all class
+    folders, so the training labels carry no information; `unreadable` adds that many corrupt .png
     files to the first training class."""
     rng = np.random.default_rng(seed)
     for split, count in (("train", train_per_class), ("val", val_per_class)):
         labels = [label for label in CLASSES for _ in range(count)]
         folders = list(labels)
         if split == "train" and shuffle_train_labels:
-            folders = [folders[i] for i in rng.permutation(len(folders))]
+            # each colour's images spread evenly over all class folders: a folder says nothing
+            # about the colour, so no classifier can beat chance on val (a plain random
+            # permutation would leave per-colour majorities for a model to fit)
+            balanced = [CLASSES[i % len(CLASSES)] for i in range(count)]
+            folders = [f for _ in CLASSES for f in (balanced[i] for i in rng.permutation(count))]
         for i, (label, folder) in enumerate(zip(labels, folders, strict=True)):
             path = root / split / folder / f"{i:04d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -115,9 +115,9 @@ def run(cfg: ProbeConfig) -> int:
         scores = knn_scores(train, train_labels, val, num_classes, cfg.knn_k, cfg.knn_t)
         detail = f"k={min(cfg.knn_k, len(train))}, T={cfg.knn_t}"
     else:
-        torch.manual_seed(cfg.seed)
+        head = linear_probe(train, train_labels, num_classes, cfg)
         with torch.no_grad():
-            scores = linear_probe(train, train_labels, num_classes, cfg)(val)
+            scores = head(val)
         detail = f"{cfg.epochs} epochs, lr {cfg.blr * min(cfg.batch_size, len(train)) / 256:.3g}"
     top1, top5 = topk_hits(scores, val_labels)
     chance = 100 * float(torch.bincount(val_labels, minlength=num_classes).max()) / len(val_labels)
