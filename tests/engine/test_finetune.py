@@ -123,3 +123,92 @@ def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path: Path, monkeypat
             assert torch.equal(value, got[part][key]), (part, key)
         # the second epoch moved every weight, so equality above is not the first epoch's state twice
         assert not torch.equal(want[part]["fc.weight"], after_first[part]["fc.weight"])
+
+
+def _tiny_set(root: Path) -> Path:
+    return make_labelled_set(root, train_per_class=4, val_per_class=2, size=16)
+
+
+def _no_val(root: Path) -> Path:
+    data = _tiny_set(root)
+    for path in sorted((data / "val").rglob("*"), reverse=True):
+        path.rmdir() if path.is_dir() else path.unlink()
+    (data / "val").rmdir()
+    return data
+
+
+def _classes_differ(root: Path) -> Path:
+    data = _tiny_set(root)
+    (data / "val" / "red").rename(data / "val" / "purple")
+    return data
+
+
+def _one_class(root: Path) -> Path:
+    data = _tiny_set(root)
+    for split in ("train", "val"):
+        for name in ("blue", "green", "yellow"):
+            for path in (data / split / name).iterdir():
+                path.unlink()
+            (data / split / name).rmdir()
+    return data
+
+
+def _unreadable_class(root: Path) -> Path:
+    data = _tiny_set(root)
+    for path in (data / "val" / "green").iterdir():
+        path.write_bytes(b"not an image")
+    return data
+
+
+def _timm_weights(root: Path) -> Path:
+    """Plain timm weights of a ResNet-34 (the fine-tuning below asks for a ResNet-18)."""
+    torch.save(timm.create_model("resnet34").state_dict(), root / "resnet34.pth")
+    return root / "resnet34.pth"
+
+
+def _pretrained_resnet50(root: Path) -> Path:
+    """A pretraining checkpoint's layout (encoder.* keys, config) made for resnet50."""
+    state = {f"encoder.{k}": v for k, v in timm.create_model("resnet50", num_classes=0).state_dict().items()}
+    checkpoint = {"model": state, "epoch": 3, "step": 9, "config": {"arch": "resnet50", "mask_ratio": 0.6}}
+    torch.save(checkpoint, root / "checkpoint-last.pth")
+    return root / "checkpoint-last.pth"
+
+
+BAD_INPUTS = {
+    "no val/": (_no_val, None, "has no val/ folder"),
+    "class folders differ": (_classes_differ, None, "only in train/: red; only in val/: purple"),
+    "a single class": (_one_class, None, "has 1 class folder(s) (red)"),
+    "no readable image": (_unreadable_class, None, "no readable images under"),
+    "weights of another arch": (_tiny_set, _timm_weights, "does not fit --arch resnet18"),
+    "pretrained as another arch": (
+        _tiny_set,
+        _pretrained_resnet50,
+        "was trained as resnet50, not --arch resnet18",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_before_anything_trains(case: str, tmp_path: Path, caplog) -> None:
+    make_data, make_weights, expected = BAD_INPUTS[case]
+    data = make_data(tmp_path / "data")
+    extra = ["--weights", str(make_weights(tmp_path))] if make_weights else []
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "log.txt").write_text("an earlier run\n")  # must survive untouched
+    caplog.set_level(logging.INFO)
+    assert run(data, out, "--epochs", "1", *extra) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "\n" not in errors[0] and expected in errors[0], errors
+    assert sorted(p.name for p in out.iterdir()) == ["log.txt"]
+    assert (out / "log.txt").read_text() == "an earlier run\n"
+    assert not any("epoch 1/1" in r.getMessage() for r in caplog.records)
+
+
+def test_missing_data_path_and_bad_values_are_one_line(caplog) -> None:
+    assert cli.main(["finetune", "--arch", "resnet18"]) == 1
+    assert cli.main(["finetune", "--data_path", "x", "--smoothing", "1.5", "--batch_size", "7"]) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "--data_path is required" in errors[0]
+    assert "--smoothing 1.5: must be in [0, 1)" in errors[1] and "must be even" in errors[1]
+    assert all("\n" not in e for e in errors)
