@@ -137,6 +137,18 @@ def train_one_epoch(run: FinetuneRun, epoch: int, step: int) -> tuple[float, int
     return distributed.all_mean(sum(losses) / max(len(losses), 1), env), step
 
 
+def sync_batchnorm(model: nn.Module, env: DistEnv) -> nn.Module:
+    """BatchNorm statistics over all processes (SparK's default), with timm's conversion, which also
+    handles its BatchNormAct2d. torch's SyncBatchNorm runs on GPUs only: on the CPU each process
+    keeps its own statistics (said in the log)."""
+    if env.device.type != "cuda":
+        log.info("--sync_bn: SyncBatchNorm needs GPUs; on the CPU each process keeps its own BN statistics")
+        return model
+    from timm.layers import convert_sync_batchnorm
+
+    return convert_sync_batchnorm(model)
+
+
 def load_resume_state(path: Path) -> dict:
     state = load_state(path)
     missing = [k for k in ("model", "optimizer", "epoch", "step", "config") if k not in state]
@@ -215,6 +227,8 @@ def _run(cfg: FinetuneConfig, env: DistEnv, output: Path) -> int:
         cfg.arch, len(splits.classes), cfg.model_kwargs, source, drop_path_rate=cfg.drop_path
     )
     train_loader, val_loader = build_loaders(cfg, env, splits)
+    if env.distributed and cfg.sync_bn:  # before the optimiser and EMA see the parameters
+        model = sync_batchnorm(model, env)
     model.to(env.device)
     lr, eff_batch = scaled_lr(cfg, env.world_size)
     steps_per_epoch = len(train_loader) // cfg.accum_iter
@@ -262,8 +276,6 @@ def _run(cfg: FinetuneConfig, env: DistEnv, output: Path) -> int:
         log.info("resumed from %s: epoch %d, step %d (its weights, not --weights)", resume, start_epoch, step)
 
     if env.distributed:
-        if cfg.sync_bn:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         ddp = DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
     else:
         ddp = model

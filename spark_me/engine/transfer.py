@@ -74,6 +74,15 @@ def shard(dataset: Dataset, env: DistEnv) -> Dataset:
 
 
 @torch.no_grad()
+def broadcast_buffers(model: nn.Module, env: DistEnv) -> None:
+    """Rank 0's BatchNorm statistics to every process, so that each shard is scored with the model
+    that rank 0 saves (without SyncBatchNorm each process's running statistics drift apart)."""
+    if env.distributed:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
+
+
+@torch.no_grad()
 def evaluate(
     model: nn.Module,
     loader: DataLoader,
@@ -81,6 +90,7 @@ def evaluate(
     autocast: AbstractContextManager | None = None,
 ) -> Scores:
     """Cross-entropy, top-1 and top-5 of `model` over `loader` (a `shard` under DDP), all processes."""
+    broadcast_buffers(model, env)
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 hits, top-5 hits, count

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -212,3 +216,27 @@ def test_missing_data_path_and_bad_values_are_one_line(caplog) -> None:
     assert "--data_path is required" in errors[0]
     assert "--smoothing 1.5: must be in [0, 1)" in errors[1] and "must be even" in errors[1]
     assert all("\n" not in e for e in errors)
+
+
+def test_torchrun_two_processes_score_the_saved_model(tmp_path: Path, caplog) -> None:
+    """Under torchrun each process scores its share of val/ (19 images: 10 + 9, none twice), with
+    rank 0's BatchNorm statistics: the logged loss and top-1 are those of the saved timm-last.pth
+    scored by one process."""
+    data = make_labelled_set(tmp_path / "data", train_per_class=8, val_per_class=5, size=32)
+    next((data / "val" / "red").iterdir()).unlink()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    cmd += ["-m", "spark_me.cli", "finetune", "--data_path", str(data), "--output_dir", str(tmp_path / "out")]
+    cmd += [*FAST[:-2], "--batch_size", "8", "--blr", "0.4", "--epochs", "1"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "effective batch 16 (8 per process x 1 accum x 2 processes)" in result.stderr
+    (record,) = read_log(tmp_path / "out")  # only rank 0 writes
+    assert record["step"] == 2  # 32 images / 16 a step
+    caplog.set_level(logging.INFO)
+    weights = str(tmp_path / "out" / "timm-last.pth")
+    assert cli.main(["finetune", "--data_path", str(data), *FAST, "--eval", "--weights", weights]) == 0
+    line = next(r.getMessage() for r in caplog.records if "(19 images)" in r.getMessage())
+    assert f"top-1 {record['val_top1']:.2f}%" in line and f"loss {record['val_loss']:.4f}" in line
