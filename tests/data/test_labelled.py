@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from spark_me.data.labelled import LabelledImages, find_splits
 from tests._labelled import CLASSES, COLOURS, make_labelled_set
@@ -19,9 +20,14 @@ def test_labels_follow_the_class_folders_and_unreadable_files_are_counted(tmp_pa
     assert splits.classes == CLASSES
     train = LabelledImages(splits, "train", None)
     assert len(train) == 12 and train.skipped == 2 and train.targets == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
-    for index in range(len(train)):
+    files = [
+        (label, p) for label, name in enumerate(CLASSES) for p in sorted((data / "train" / name).glob("0*"))
+    ]
+    assert len(files) == 12
+    for index, (want_label, path) in enumerate(files):  # every file once, in order, with its label
         image, label = train[index]
-        # the class is the painted colour: the image's most saturated pixels are nearest its colour
+        assert label == want_label and np.array_equal(np.asarray(image), np.asarray(Image.open(path))), index
+        # and the label is the painted colour: the most saturated pixels are nearest its colour
         pixels = np.asarray(image, dtype=float).reshape(-1, 3)
         vivid = pixels[np.argsort(pixels.max(1) - pixels.min(1))[-20:]].mean(0)
         nearest = min(COLOURS, key=lambda name: np.linalg.norm(vivid - np.array(COLOURS[name])))
