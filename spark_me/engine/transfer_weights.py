@@ -93,6 +93,7 @@ def load_into(model: nn.Module, source: SourceWeights, arch: str) -> list[str]:
     kept = [k for k in target if k not in loaded and not k.endswith(COUNTERS)]
     unused = [k for k in source.state if k not in target or k not in loaded]
     log.info("loaded %d of %d tensors from %s (%s)", len(loaded), len(target), source.path, source.kind)
+    log.debug("loaded: %s", ", ".join(loaded))
     if kept:
         log.info("left at initialisation: %s", ", ".join(kept))
     if unused:
