@@ -240,3 +240,14 @@ def test_torchrun_two_processes_score_the_saved_model(tmp_path: Path, caplog) ->
     assert cli.main(["finetune", "--data_path", str(data), *FAST, "--eval", "--weights", weights]) == 0
     line = next(r.getMessage() for r in caplog.records if "(19 images)" in r.getMessage())
     assert f"top-1 {record['val_top1']:.2f}%" in line and f"loss {record['val_loss']:.4f}" in line
+
+
+def test_eval_refuses_weights_without_a_fitting_classifier(tmp_path: Path, caplog) -> None:
+    data = _tiny_set(tmp_path / "data")
+    state = timm.create_model("resnet18").state_dict()
+    weights = tmp_path / "timm-last.pth"
+    torch.save({k: v for k, v in state.items() if not k.startswith("fc.")}, weights)  # no classifier
+    args = ["finetune", "--data_path", str(data), *FAST, "--eval", "--weights", str(weights)]
+    assert cli.main(args) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "has no classifier for the 4 classes" in errors[0] and "\n" not in errors[0]
