@@ -49,20 +49,21 @@ def read_log(out: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path]:
-    """(data, output) of one 3-epoch run on the labelled set (2 unreadable files among it)."""
+    """(data, output) of one 4-epoch run on the labelled set (2 unreadable files among it)."""
     root = tmp_path_factory.mktemp("finetune")
     data = make_labelled_set(root / "data", unreadable=2)
-    assert run(data, root / "out", "--epochs", "3") == 0
+    assert run(data, root / "out", "--epochs", "4") == 0
     return data, root / "out"
 
 
 def test_learns_the_classes_and_logs_each_epoch(trained) -> None:
     _, out = trained
     log = read_log(out)
-    assert [r["epoch"] for r in log] == [1, 2, 3] and [r["step"] for r in log] == [10, 20, 30]
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4] and [r["step"] for r in log] == [10, 20, 30, 40]
     for record in log:
         assert {"train_loss", "lr", "val_loss", "val_top1", "val_top5", "ema_val_top1"} <= record.keys()
-    assert log[-1]["val_top1"] >= 75.0 and log[-1]["ema_val_top1"] >= 60.0  # chance: 25
+    # chance: 25%; measured 82.5-93.75% (EMA 77.5-88.75%) over data and run seeds 0-2
+    assert log[-1]["val_top1"] >= 75.0 and log[-1]["ema_val_top1"] >= 65.0
     assert log[-1]["val_loss"] < log[0]["val_loss"]
     assert log[-1]["best_top1"] == max(max(r["val_top1"], r["ema_val_top1"]) for r in log)
     assert any((out / "tb").iterdir()) and (out / "config.yaml").is_file()
@@ -72,9 +73,10 @@ def test_uninformative_labels_stay_at_chance(tmp_path: Path) -> None:
     """The same run with each colour spread evenly over the four training folders: nothing to learn,
     so validation top-1 stays near 25% (a leak of val labels, or of the file order, would show).
     Predictions are alike within a colour, so the 80 images vary like a few independent draws:
-    the bounds are wide, and still far below the informative run's >= 75%."""
+    the bounds are wide (measured: at most 41.25%, epoch means 28.75-33.1% over seeds 0 and 3),
+    and still far below the informative run's >= 75%."""
     data = make_labelled_set(tmp_path / "data", shuffle_train_labels=True)
-    assert run(data, tmp_path / "out", "--epochs", "3") == 0
+    assert run(data, tmp_path / "out", "--epochs", "4") == 0
     top1 = [r["val_top1"] for r in read_log(tmp_path / "out")]
     assert max(top1) <= 50.0 and abs(sum(top1) / len(top1) - CHANCE) <= 12.5, top1
 
