@@ -193,3 +193,13 @@ def test_sparse_encoder_bns_synchronise_under_ddp(two_processes: Path, kind: str
     images, active, probes = encoder_data()
     alone = encoder_step(local, local, images[:1], active[:1], [p[:1] for p in probes])
     assert not close(alone["maps"][0], ranks[0]["maps"][0])
+
+
+def test_conversion_keeps_the_parameter_objects() -> None:
+    """Pretraining builds its optimiser before converting: the converted dense BNs must hold the very
+    Parameters (and buffers) it was given, or their weights would never be updated under CPU DDP."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    before = [id(t) for t in (*model.parameters(), *model.buffers())]
+    convert_sync_batchnorm(model)
+    assert isinstance(model[1], SyncBatchNorm2dRows)
+    assert [id(t) for t in (*model.parameters(), *model.buffers())] == before
