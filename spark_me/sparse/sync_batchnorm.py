@@ -137,8 +137,16 @@ def convert_sync_batchnorm(module: nn.Module, group=None) -> nn.Module:
             if on_cuda:
                 new = nn.SyncBatchNorm.convert_sync_batchnorm(child, group)
             else:
-                new = SyncBatchNorm2dRows(child.num_features, child.eps, child.momentum, child.affine)
-                new.load_state_dict(child.state_dict())
+                new = SyncBatchNorm2dRows(
+                    child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+                )
+                # the same Parameter and buffer objects: an optimiser built before the conversion
+                # (as pretraining's is) must keep updating them
+                for name_, tensor in (
+                    *child.named_parameters(recurse=False),
+                    *child.named_buffers(recurse=False),
+                ):
+                    setattr(new, name_, tensor)
                 new.sync_group = group
                 new.train(child.training)
             setattr(module, name, new)
