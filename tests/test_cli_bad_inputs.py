@@ -87,6 +87,7 @@ def all_damaged(out: Path) -> None:
 
 
 P = ["pretrain", "--output_dir", "{out}", *TINY_RUN]
+F = ["finetune", "--output_dir", "{out}"]
 ROWS = [
     # -- pretrain: configuration files --------------------------------------------------------------
     Row("config file missing", [*P, "--config", "{tmp}/nope.yaml"], "no such config file"),
@@ -138,6 +139,31 @@ ROWS = [
         setup=damaged_last_older_good,
     ),  # fmt: skip
     Row("auto-resume, all damaged", P, "checkpoint-0001.pth: is not a full pretraining", setup=all_damaged),
+    # -- finetune and probe ------------------------------------------------------------------------
+    Row("no data_path", [*F], "--data_path is required"),
+    Row("data_path missing", [*F, "--data_path", "{tmp}/nowhere"], "nowhere is not a folder"),
+    Row("data_path without train/val", [*F, "--data_path", "{tmp}/no-images"], "has no train/ and no val/"),
+    Row("epochs zero", [*F, "--data_path", "{tmp}", "--epochs", "0"], "--epochs 0: must be >= 1"),
+    Row(
+        "output_dir is a file", [*F, "--data_path", "{tmp}", "--output_dir", "{tmp}/a-file.txt"], "is a file"
+    ),
+    Row("config invalid YAML", [*F, "--config", "{tmp}/bad.yaml"], "is not valid YAML: line 3"),
+    Row("model_kwargs not YAML", [*F, "--model_kwargs", "{a:"], "--model_kwargs: not YAML", 2),
+    Row(
+        "auto-resume, only checkpoint damaged",
+        [*F, "--data_path", "{tmp}/nowhere"],
+        "no readable checkpoint",
+        setup=damaged_last,
+    ),  # fmt: skip
+    Row("no data_path", ["probe", "--output_dir", "{out}"], "--data_path is required"),
+    Row("unknown method", ["probe", "--data_path", "{tmp}", "--method", "svm"], "invalid choice: 'svm'", 2),
+    Row("knn_k zero", ["probe", "--data_path", "{tmp}", "--knn_k", "0"], "--knn_k 0: must be >= 1"),
+    Row(
+        "output_dir under a file",
+        ["probe", "--data_path", "{tmp}", "--output_dir", "{tmp}/a-file.txt/p"],
+        "is a file",
+    ),  # fmt: skip
+    Row("config not a mapping", ["probe", "--config", "{tmp}/list.yaml"], "holds a YAML list"),
     # -- reconstruct -------------------------------------------------------------------------------
     Row("checkpoint missing", ["reconstruct", "{tmp}/nope.pth", "-o", "{out}/r.png"], "no such checkpoint"),
     Row("checkpoint truncated", ["reconstruct", "{tmp}/truncated.pth", "-o", "{out}/r.png"], "truncated"),
@@ -222,7 +248,15 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_the_table_is_wide_enough() -> None:
     commands = {row.argv[0] for row in ROWS}
-    assert {"pretrain", "reconstruct", "export", "import-timm", "finetune-det"} <= commands
+    assert {
+        "pretrain",
+        "finetune",
+        "probe",
+        "reconstruct",
+        "export",
+        "import-timm",
+        "finetune-det",
+    } <= commands
     assert len({row.id for row in ROWS}) == len(ROWS) >= 25  # every row its own kind of bad input
 
 

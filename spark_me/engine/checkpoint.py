@@ -20,6 +20,8 @@ from pathlib import Path
 
 from converters.io import NotACheckpoint, load_state, save_state
 from converters.timm_format import encoder_state, to_timm
+from spark_me.engine import distributed
+from spark_me.engine.distributed import DistEnv
 
 log = logging.getLogger(__name__)
 
@@ -135,3 +137,36 @@ def load(path: str | Path) -> dict:
             "to start from encoder weights use --init_weight"
         )
     return state
+
+
+def resume_source(resume: str | None, auto_resume: bool, env: DistEnv, output_dir: Path) -> Found:
+    """`resume` (--resume), else with `auto_resume` the most advanced readable checkpoint in
+    output_dir, else nothing.
+
+    Rank 0 decides and the others follow (they must not read a folder rank 0 is about to change).
+    Nothing is changed here: when no checkpoint is readable this raises NoReadableCheckpoint, and
+    the unreadable ones skipped for an older one (`skipped`, on rank 0) are set aside by
+    `keep_unreadable`, which the run calls once it has passed every check.
+    """
+    if resume:
+        return Found(Path(resume))
+    if not auto_resume:
+        return Found()
+    found, error = Found(), None
+    if env.is_main:
+        try:
+            found = find_resumable(output_dir)
+        except NoReadableCheckpoint as err:
+            error = str(err)
+    path, error = distributed.from_main((str(found.path) if found.path else None, error), env)
+    if error:
+        raise NoReadableCheckpoint(error)
+    return Found(Path(path) if path else None, found.skipped)
+
+
+def keep_unreadable(found: Found) -> None:
+    """Renames the checkpoints auto-resume skipped (`NAME.unreadable`): the resumed run would
+    overwrite them, and with them the evidence of what went wrong."""
+    for path, why in found.skipped:
+        kept = set_aside(path)
+        log.warning("skipped %s (%s): kept as %s; resuming from %s", path.name, why, kept.name, found.path)

@@ -220,6 +220,7 @@ def evaluate_only(cfg: FinetuneConfig, env: DistEnv) -> int:
 
 def _run(cfg: FinetuneConfig, env: DistEnv, output: Path) -> int:
     # -- checks and set-up: every bad input fails here, in one line, before anything trains ---------
+    found = checkpoint.resume_source(cfg.resume, cfg.auto_resume, env, output)
     splits = find_splits(cfg.data_path)
     source = read_source(cfg.weights, cfg.arch)
     torch.manual_seed(cfg.seed)  # the classifier's initialisation: the same in every process
@@ -240,6 +241,7 @@ def _run(cfg: FinetuneConfig, env: DistEnv, output: Path) -> int:
     mixup = build_mixup(cfg, len(splits.classes))
     ema = ModelEmaV3(model, decay=cfg.ema, use_warmup=True) if cfg.ema > 0 else None
     if env.is_main:
+        checkpoint.keep_unreadable(found)  # (the unreadable ones auto-resume skipped)
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     log.info("recipe: %s (values not set by a flag or the YAML file)", cfg.recipe)
@@ -263,7 +265,7 @@ def _run(cfg: FinetuneConfig, env: DistEnv, output: Path) -> int:
 
     # -- resume -----------------------------------------------------------------------------------
     start_epoch, step, best = 0, 0, {"top1": -1.0, "epoch": 0, "source": ""}
-    resume = cfg.resume or (checkpoint.latest(output) if cfg.auto_resume else None)
+    resume = found.path
     if resume:
         state = load_resume_state(Path(resume))
         model.load_state_dict(state["model"])

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from spark_me.cli_parser import OneLineErrorParser
 from spark_me.engine.config import type_problems
+from spark_me.engine.config_input import output_dir_problem, yaml_mapping
 from spark_me.engine.options import read_yaml_options
 from spark_me.engine.recipes import recipe_for
 
@@ -94,7 +94,7 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
     add("--config", type=Path, help="YAML file with any of the options below (flags override it)")
     add("--data_path", help="folder holding train/ and val/ ImageFolder trees (one sub-folder per class)")
     add("--arch", help="timm model name, e.g. resnet50, convnext_tiny (the pretraining --arch)")
-    add("--model_kwargs", type=yaml.safe_load, help="YAML mapping, e.g. '{depths: [1,1,3,1]}'")
+    add("--model_kwargs", type=yaml_mapping, help="YAML mapping, e.g. '{depths: [1,1,3,1]}'")
     add(
         "--weights",
         help="a spark-me pretraining checkpoint (checkpoint-*.pth), a timm-*.pth export or timm "
@@ -109,7 +109,7 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineErrorParser(
         prog="spark-me finetune",
         description="Classification fine-tuning of the dense timm model (SparK's downstream recipe).",
     )
@@ -162,7 +162,17 @@ def resolve(argv: list[str] | None = None) -> FinetuneConfig:
     if "warmup_epochs" in defaults and isinstance(epochs, int) and epochs != recipe.epochs:
         # a shorter (or longer) run than the recipe's keeps the recipe's share of warmup
         defaults["warmup_epochs"] = round(recipe.warmup_epochs * epochs / recipe.epochs)
-    return validate(FinetuneConfig(**{**values, **defaults, "recipe": source}))
+    cfg = validate(FinetuneConfig(**{**values, **defaults, "recipe": source}))
+    raise_output_problems(cfg)
+    return cfg
+
+
+def raise_output_problems(cfg: Any) -> None:
+    """--output_dir and --log_dir must be folders that can be written (checked before any work)."""
+    for flag, folder in (("--output_dir", cfg.output_dir), ("--log_dir", getattr(cfg, "log_dir", None))):
+        problem = output_dir_problem(folder, flag) if folder else None
+        if problem:
+            raise ValueError(problem)
 
 
 # option -> smallest allowed value

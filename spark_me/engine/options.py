@@ -11,7 +11,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import yaml
+from spark_me.engine.config_input import read_config_file
 
 
 def read_yaml_options(path: Path, cls: type) -> dict[str, Any]:
@@ -20,15 +20,11 @@ def read_yaml_options(path: Path, cls: type) -> dict[str, Any]:
     PyYAML follows YAML 1.1, where `1e-3` (no dot) is a string; a user who writes `lr: 1e-3` means
     the number, so float fields take any string that Python reads as a float.
     """
-    if not path.is_file():
-        raise FileNotFoundError(f"no such config file: {path}")
-    values = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"{path} holds a {type(values).__name__}, expected a mapping of options")
+    values = read_config_file(path)  # one-line errors: missing, invalid YAML (where), not a mapping
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(values) - set(fields)
     if unknown:
-        raise ValueError(f"unknown option(s) in {path}: {', '.join(sorted(unknown))}")
+        raise ValueError(f"unknown option(s) in {path}: {', '.join(sorted(map(str, unknown)))}")
     out = dict(values)
     for name, value in values.items():
         if isinstance(value, str) and str(fields[name].type).startswith("float"):

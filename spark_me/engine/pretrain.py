@@ -33,7 +33,7 @@ from spark_me.engine.optim import (
     weight_decay_at,
 )
 from spark_me.engine.preemption import PREEMPTED_EXIT, Preempted, StopRequest
-from spark_me.engine.resume import MidEpochSaver, full_state, keep_unreadable, resume_source
+from spark_me.engine.resume import MidEpochSaver, full_state
 from spark_me.models.registry import create_encoder, load_factory
 from spark_me.models.spark import SparK
 from spark_me.sparse.sync_batchnorm import convert_sync_batchnorm
@@ -235,7 +235,7 @@ def run(cfg: PretrainConfig) -> int:
 def _run(cfg: PretrainConfig, env: DistEnv, output: Path, stop: StopRequest) -> int:
     # -- set-up: everything that can refuse the run comes before the first write to output_dir --
     torch.manual_seed(cfg.seed + env.rank)
-    found = resume_source(cfg, env, output)
+    found = checkpoint.resume_source(cfg.resume, cfg.auto_resume, env, output)
     resume = found.path
     state = checkpoint.load(resume) if resume else None
     if cfg.data_path is None:
@@ -306,7 +306,7 @@ def _run(cfg: PretrainConfig, env: DistEnv, output: Path, stop: StopRequest) -> 
         where = f", batch {position.batch} of the epoch" if position else ""
         log.info("resumed from %s: epoch %d%s, step %d", resume, start_epoch + 1, where, step)
     if env.is_main:  # every check passed: the first changes to output_dir
-        keep_unreadable(found)
+        checkpoint.keep_unreadable(found)
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 

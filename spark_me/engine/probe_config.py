@@ -12,12 +12,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from spark_me.cli_parser import OneLineErrorParser
 from spark_me.engine.config import type_problems
 from spark_me.engine.finetune_config import (
     add_data_options,
     at_least_problems,
     common_problems,
     merge_options,
+    raise_output_problems,
 )
 
 
@@ -47,7 +49,7 @@ class ProbeConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineErrorParser(
         prog="spark-me probe",
         description="Frozen-feature probes of a backbone: k-NN or linear classifier on pooled stride-32 "
         "features, top-1 on val/.",
@@ -89,4 +91,5 @@ def resolve(argv: list[str] | None = None) -> ProbeConfig:
         problems.append(f"--method {cfg.method}: must be knn or linear")
     if problems:
         raise ValueError("invalid option(s): " + "; ".join(problems))
+    raise_output_problems(cfg)
     return cfg

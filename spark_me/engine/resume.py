@@ -1,4 +1,4 @@
-"""Resuming pretraining: where to resume from, what a checkpoint holds, and the saves made at step
+"""Resuming pretraining mid-epoch: what a checkpoint holds, and the saves made at step
 boundaries inside an epoch (every `--save_every_steps`, and on SIGTERM / SIGUSR1)."""
 
 from __future__ import annotations
@@ -25,38 +25,6 @@ def full_state(model, optimizer, scaler, cfg: PretrainConfig, finished_epoch: in
         "step": step,
         "config": cfg.to_dict(),
     }
-
-
-def resume_source(cfg: PretrainConfig, env: DistEnv, output: Path) -> checkpoint.Found:
-    """--resume, else (auto-resume) the most advanced readable checkpoint in output_dir, else none.
-
-    Rank 0 decides and the others follow (they must not read a folder rank 0 is about to change).
-    Nothing is changed here: when no checkpoint is readable this raises NoReadableCheckpoint, and
-    the unreadable ones skipped for an older one (`skipped`, on rank 0) are set aside by
-    `keep_unreadable` only once the run has passed every check.
-    """
-    if cfg.resume:
-        return checkpoint.Found(Path(cfg.resume))
-    if not cfg.auto_resume:
-        return checkpoint.Found()
-    found, error = checkpoint.Found(), None
-    if env.is_main:
-        try:
-            found = checkpoint.find_resumable(output)
-        except checkpoint.NoReadableCheckpoint as err:
-            error = str(err)
-    path, error = distributed.from_main((str(found.path) if found.path else None, error), env)
-    if error:
-        raise checkpoint.NoReadableCheckpoint(error)
-    return checkpoint.Found(Path(path) if path else None, found.skipped)
-
-
-def keep_unreadable(found: checkpoint.Found) -> None:
-    """Renames the checkpoints auto-resume skipped (`NAME.unreadable`): the resumed run would
-    overwrite them, and with them the evidence of what went wrong."""
-    for path, why in found.skipped:
-        kept = checkpoint.set_aside(path)
-        log.warning("skipped %s (%s): kept as %s; resuming from %s", path.name, why, kept.name, found.path)
 
 
 class MidEpochSaver:
