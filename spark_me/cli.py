@@ -186,9 +186,9 @@ def quiet_warnings(verbose: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if getattr(args, "takes_extra", False):  # `spark-me pretrain ... --verbose` works too
-        args.verbose = args.verbose or any(a in ("-v", "--verbose") for a in extra)
-        extra = [a for a in extra if a not in ("-v", "--verbose")]
+    # `spark-me pretrain ... --verbose` works too
+    args.verbose = args.verbose or any(a in ("-v", "--verbose") for a in extra)
+    extra = [a for a in extra if a not in ("-v", "--verbose")]
     quiet_warnings(args.verbose)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
