@@ -4,8 +4,10 @@
 
 Each configuration runs in its own process (so peak memory is its own): warm-up steps, then the
 median of timed steps of zero_grad + forward + backward + LAMB step, and of the encoder alone
-(forward + backward). Peak memory: CUDA max allocated on a GPU; on the CPU the peak resident set
-(VmHWM) minus the resident set before the first step. Results: JSON + CSV + PNG plots.
+(forward + backward). Every variant runs at every mask ratio; the dense one (encoder on the whole
+image, decoder and loss at the ratio's mask) is also timed against plain timm training. Peak
+memory: CUDA max allocated on a GPU; on the CPU the peak resident set (VmHWM) minus the resident set
+before the first step. Results: JSON + CSV + PNG plots.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ log = logging.getLogger("spark_me.bench")
 VARIANTS = ("sparse", "masked_dense", "dense")
 DEFAULT_ARCHS = ("resnet18", "resnet50", "convnext_tiny", "convnextv2_tiny")
 DEFAULT_RATIOS = (0.0, 0.25, 0.5, 0.6, 0.75, 0.9)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default."""
 
 
 def _rss_kib(field: str) -> int:
@@ -245,12 +251,12 @@ def write(out: Path, env: dict, rows: list[dict], args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="spark-me bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="spark-me bench", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--archs", nargs="+", default=list(DEFAULT_ARCHS), help="encoders")
+    p.add_argument("--sizes", nargs="+", type=int, default=[224], help="image sizes (multiples of 32)")
+    p.add_argument(
+        "--ratios", nargs="+", type=float, default=list(DEFAULT_RATIOS), help="mask ratios (every variant)"
     )
-    p.add_argument("--archs", nargs="+", default=list(DEFAULT_ARCHS))
-    p.add_argument("--sizes", nargs="+", type=int, default=[224])
-    p.add_argument("--ratios", nargs="+", type=float, default=list(DEFAULT_RATIOS))
     p.add_argument(
         "--variants",
         nargs="+",
@@ -260,13 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--batch_size", type=int, default=None, help="default: 32 on a GPU, 4 on the CPU")
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--decoder_width", type=int, default=768)
-    p.add_argument("--device", default=None)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--decoder_width", type=int, default=768, help="SparK decoder width")
+    p.add_argument("--device", default=None, help="cuda when available, else cpu")
     p.add_argument(
         "--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast dtype of the step"
     )
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/latest"))
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/latest"), help="results folder")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     import torch
