@@ -93,9 +93,15 @@ def start_summary(cfg: PretrainConfig, model: SparK, images: int, eff_batch: int
     kept = numbered_kept(cfg.epochs, cfg.save_every, cfg.keep_last)
     disk = mib(run_bytes(sizes, cfg.epochs, cfg.save_every, cfg.keep_last))
     files = f"checkpoint-last {mib(sizes.checkpoint)} + timm-last {mib(sizes.timm)}"
+    processes = eff_batch // (cfg.batch_size * cfg.accum_iter)
+    batch = f"{eff_batch}" + (
+        f" ({cfg.batch_size} x {cfg.accum_iter} accum x {processes} processes)"
+        if eff_batch != cfg.batch_size
+        else ""
+    )
     return (
         f"{cfg.arch} at {cfg.input_size} px, mask {cfg.mask_ratio} | {images} images x {cfg.repeat} "
-        f"repeat, batch {eff_batch}: {steps_per_epoch} steps/epoch x {cfg.epochs} epochs = "
+        f"repeat, batch {batch}: {steps_per_epoch} steps/epoch x {cfg.epochs} epochs = "
         f"{steps_per_epoch * cfg.epochs} steps | lr {lr:.2e} (blr {cfg.blr:g}): warmup {warmup} steps "
         f"from {lr * cfg.warmup_lr_ratio:.1e}, cosine to {min_lr:.1e} | disk ~{disk}: {files}"
         + (f", {kept} numbered pair(s)" if kept else "")
