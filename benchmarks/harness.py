@@ -126,6 +126,9 @@ def environment(device: str) -> dict:
     import MinkowskiEngine as ME
     import torch
 
+    from benchmarks.machine import cpu
+
+    cpu_info = cpu()
     env = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -133,23 +136,14 @@ def environment(device: str) -> dict:
         "cuda": torch.version.cuda,
         "device": device,
         "threads": torch.get_num_threads(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_info["model"],
+        "cpu_flags": cpu_info["flags"],  # avx512_bf16 / amx decide whether bf16 pays
         "machine": platform.machine(),
         "cores": os.cpu_count(),
     }
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(0)
     return env
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def configs(args) -> list[dict]:

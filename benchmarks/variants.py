@@ -2,7 +2,8 @@
 
 sparse        spark-me: visible pixels as ME sparse tensors (the product)
 masked_dense  SparK's official emulation: dense convs on the zero-filled image, re-masked after
-              every op, BN over active sites (spark_me.models.reference)
+              every op, BN over active sites (spark_me.models.reference for ResNet / ConvNeXt,
+              spark_me.models.masked_dense for any other timm CNN)
 dense         the same network with the encoder on the whole image (no masking, timm's own
               forward); the decoder and the loss are the run's, at its mask ratio, so the step does
               real work: the cost of plain dense training with SparK's decoder
@@ -24,8 +25,9 @@ import torch.nn.functional as F
 from timm.optim import Lamb
 from torch import Tensor, nn
 
+from spark_me.models.masked_dense import MaskedDenseModel
 from spark_me.models.reference import MaskedDenseEncoder, _Masker
-from spark_me.models.registry import create_encoder
+from spark_me.models.registry import create_encoder, is_hand_written
 from spark_me.models.spark import SparK
 from spark_me.sparse.layers import SparseBatchNorm2d
 from spark_me.sparse.tensor import upsample_mask
@@ -45,16 +47,24 @@ def _dense_norm(norm, x: Tensor, masker: _Masker | None) -> Tensor:
 
 
 class MaskedDenseSparK(SparK):
-    """SparK with the masked-dense reference encoder (timm modules) in place of the sparse one."""
+    """SparK with a masked-dense encoder (timm modules) in place of the sparse one: SparK's own
+    emulation for the hand-written families (ResNet, ConvNeXt), the masked-dense TorchFunctionMode
+    reference for any other timm CNN (the generic families)."""
 
     def __init__(self, arch: str, decoder_width: int, mask_ratio: float, masked: bool = True):
-        super().__init__(create_encoder(arch), decoder_width=decoder_width, mask_ratio=mask_ratio)
-        self.encoder = MaskedDenseEncoder(timm.create_model(arch, num_classes=0))
+        sparse = create_encoder(arch, dataflow="rules")
+        super().__init__(sparse, decoder_width=decoder_width, mask_ratio=mask_ratio)
+        if is_hand_written(arch):
+            self.encoder = MaskedDenseEncoder(timm.create_model(arch, num_classes=0))
+        else:  # the generic encoder's own (pruned) timm model, run densely
+            self.encoder = MaskedDenseModel(sparse.model, sparse.stage_names)
         self.masked = masked
 
     def encode(self, images: Tensor, active: Tensor) -> list[Tensor]:
         if self.masked:
             return self.encoder(images, active)
+        if isinstance(self.encoder, MaskedDenseModel):
+            return self.encoder.dense(images)
         indices = [1, 2, 3, 4] if self.encoder.model.__class__.__name__ == "ResNet" else [0, 1, 2, 3]
         return self.encoder.model.forward_intermediates(images, indices=indices, intermediates_only=True)
 
