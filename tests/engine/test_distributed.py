@@ -88,7 +88,7 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[2]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "effective batch: 8 (4 per process x 1 accum x 2 processes)" in result.stderr
+    assert "batch 8 (4 x 1 accum x 2 processes)" in result.stderr  # the start summary
     rows = [json.loads(line) for line in (tmp_path / "log.txt").read_text().splitlines()]
     assert len(rows) == 1  # only rank 0 writes
     assert rows[0]["step"] == 12 // 8  # 12 training photographs, global batch 8, last partial batch dropped
