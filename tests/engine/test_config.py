@@ -159,7 +159,7 @@ def test_help_shows_every_default() -> None:
 
     options = {a.dest: a for a in build_parser()._actions}
     flagged = [f.name for f in dataclasses.fields(PretrainConfig) if f.name in options]
-    assert len(flagged) == 36  # every field but betas, min_lr_ratio and warmup_lr_ratio has a flag
+    assert len(flagged) == 38  # every field but betas, min_lr_ratio and warmup_lr_ratio has a flag
     for name in flagged:
         assert "(default: " in options[name].help, name
     text = build_parser().format_help()
