@@ -1,0 +1,226 @@
+"""Depthwise convs of a timm CNN, one layer at a time: every dataflow, forward and forward+backward.
+
+    python -m benchmarks.depthwise --archs convnext_tiny efficientnet_b0 --out benchmarks/results/cpu-dw
+
+For each distinct depthwise conv of the arch (kernel, stride, channels, input stride: found by
+running the dense model once with hooks), the layer's input is sparsified at the given mask ratio
+and each variant runs interleaved in one process (variant A, B, C, A, B, C, ...), median of
+`--repeats` after a warm-up:
+
+- ``block`` / ``dense``: the dataflows as they are (backward: `depthwise.maps_backward`);
+- ``block-aten`` / ``dense-aten``: the same with aten's convolution_backward (the code before);
+- ``fused``: the fused C++ gather dataflow.
+
+`--inductor` adds torch.compile of the plain gather-sum definition (forward only, the dropped
+candidate; its compile time is reported). Records the CPU model, its bf16/AMX flags and threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+from unittest import mock
+
+log = logging.getLogger("spark_me.bench.depthwise")
+
+
+def cpu_info() -> dict:
+    """Model name, relevant ISA flags and core count (ratios differ from one CPU to the next)."""
+    import os
+
+    model, flags = "", set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name") and not model:
+            model = line.split(":", 1)[1].strip()
+        elif line.startswith("flags") and not flags:
+            flags = set(line.split(":", 1)[1].split())
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return {"cpu": model, "flags": [f for f in wanted if f in flags], "cores": os.cpu_count()}
+
+
+def depthwise_layers(arch: str, size: int) -> list[dict]:
+    """Distinct depthwise convs of `arch`: kernel, stride, channels and the stride of their input."""
+    import timm
+    import torch
+
+    model = timm.create_model(arch, pretrained=False).eval()
+    found: dict[tuple, dict] = {}
+
+    def hook(module, inputs, _output):
+        x = inputs[0]
+        k, s, c = module.kernel_size[0], module.stride[0], module.in_channels
+        key = (k, s, c, size // x.shape[-1])
+        entry = found.setdefault(key, {"kernel": k, "stride": s, "channels": c, "in_stride": key[3], "count": 0})
+        entry["count"] += 1
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels:
+            m.register_forward_hook(hook)
+    with torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    return list(found.values())
+
+
+def _aten_maps_backward(grad, g, weight, stride, padding, needs):
+    import torch
+
+    return torch.ops.aten.convolution_backward(
+        grad, g, weight, [weight.shape[0]] if needs[2] else None, [stride] * 2, [padding] * 2, [1, 1],
+        False, [0, 0], weight.shape[0], list(needs),
+    )  # fmt: skip
+
+
+def bench_layer(
+    layer: dict, batch: int, size: int, ratio: float, repeats: int, inductor: bool, clock=time.perf_counter
+) -> dict:
+    import torch
+
+    from spark_me.sparse import dataflows, depthwise
+    from spark_me.sparse.ops import SparseOp
+    from spark_me.sparse.tensor import sparsify
+
+    gen = torch.Generator().manual_seed(0)
+    c, k, s, in_stride = layer["channels"], layer["kernel"], layer["stride"], layer["in_stride"]
+    grid = size // 32
+    active = torch.rand(batch, grid, grid, generator=gen) >= ratio
+    side = size // in_stride
+    x = sparsify(torch.randn(batch, c, side, side, generator=gen), active, stride=in_stride)
+    op = SparseOp("depthwise", k, s, c, c)
+    weight = torch.randn(c, 1, k, k, generator=gen, requires_grad=True)
+    bias = torch.randn(c, generator=gen, requires_grad=True)
+    feats = x.F.detach().requires_grad_(True)
+    probe = type(x)(feats, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
+
+    def fwd_bwd(name: str, aten: bool = False):
+        def run():
+            patch = mock.patch.object(depthwise, "maps_backward", _aten_maps_backward) if aten else None
+            if patch:
+                patch.start()
+            try:
+                out, _ = dataflows.run(name, op, probe, weight, bias)
+                out.backward(torch.ones_like(out))
+            finally:
+                if patch:
+                    patch.stop()
+
+        return run
+
+    def fwd(name: str):
+        def run():
+            with torch.no_grad():
+                dataflows.run(name, op, probe, weight, bias)
+
+        return run
+
+    variants = {
+        "block": fwd_bwd("block"),
+        "block-aten": fwd_bwd("block", aten=True),
+        "dense": fwd_bwd("dense"),
+        "dense-aten": fwd_bwd("dense", aten=True),
+        "fused": fwd_bwd("fused"),
+        "fwd block": fwd("block"),
+        "fwd dense": fwd("dense"),
+        "fwd fused": fwd("fused"),
+    }
+    result: dict = {"layer": layer, "sites": len(feats)}
+    if inductor:
+        variants["fwd inductor"], result["inductor_compile_s"] = _inductor_variant(op, probe, weight, bias)
+    times: dict[str, list[float]] = {n: [] for n in variants}
+    for fn in variants.values():  # warm-up
+        fn()
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            start = clock()
+            fn()
+            times[name].append(clock() - start)
+    result["ms"] = {n: round(statistics.median(t) * 1e3, 3) for n, t in times.items()}
+    result["min_ms"] = {n: round(min(t) * 1e3, 3) for n, t in times.items()}
+    return result
+
+
+def _inductor_variant(op, x, weight, bias):
+    """torch.compile of the plain definition, dynamic in the number of sites; (callable, compile s)."""
+    import torch
+
+    from spark_me.sparse.geometry import layout_of
+
+    src = layout_of(x)
+    windows = src.window_index(op.halo, op.kernel_size, op.stride)
+    columns = weight.detach().reshape(op.in_channels, -1).t().contiguous()
+
+    def definition(feats, index, w, b):
+        padded = torch.cat([feats, feats.new_zeros(1, feats.shape[1])])
+        return (padded[index] * w).sum(1) + b
+
+    compiled = torch.compile(definition, dynamic=True)
+    feats = x.F.detach()
+    start = time.perf_counter()
+    compiled(feats, windows, columns, bias.detach())
+    compile_s = time.perf_counter() - start
+
+    def run():
+        with torch.no_grad():
+            compiled(feats, windows, columns, bias.detach())
+
+    return run, round(compile_s, 2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--archs", nargs="+", default=["convnext_tiny", "efficientnet_b0"])
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--ratio", type=float, default=0.6)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: CPU seconds of the process (time.process_time), immune to the descheduling that "
+        "dominates wall-clock times on a crowded host; meaningful with --threads 1",
+    )
+    parser.add_argument("--inductor", action="store_true", help="also time torch.compile's gather-sum")
+    parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    import torch
+
+    from spark_me.sparse import depthwise, native
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    start = time.perf_counter()
+    native.build("depthwise_kernels")
+    env = cpu_info() | {"threads": torch.get_num_threads(), "torch": torch.__version__}
+    env["native_build_or_cache_s"] = round(time.perf_counter() - start, 2)
+    env["native"] = depthwise.native_available()
+    log.info("%s", env)
+    rows = []
+    for arch in args.archs:
+        for layer in depthwise_layers(arch, args.size):
+            row = {"arch": arch} | bench_layer(
+                layer, args.batch_size, args.size, args.ratio, args.repeats, args.inductor, clock
+            )
+            ms = row["ms"]
+            log.info(
+                "%s dw%dx%d/%d c%d @s%d x%d: %s",
+                arch, layer["kernel"], layer["kernel"], layer["stride"], layer["channels"], layer["in_stride"],
+                layer["count"], " ".join(f"{n} {v:.2f}" for n, v in ms.items()),
+            )  # fmt: skip
+            rows.append(row)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        settings = {k: v for k, v in vars(args).items() if k != "out"}
+        args.out.write_text(json.dumps({"env": env, "settings": settings, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
