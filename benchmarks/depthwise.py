@@ -9,7 +9,9 @@ and each variant runs interleaved in one process (variant A, B, C, A, B, C, ...)
 
 - ``block`` / ``dense``: the dataflows as they are (backward: `depthwise.maps_backward`);
 - ``block-aten`` / ``dense-aten``: the same with aten's convolution_backward (the code before);
-- ``fused``: the fused C++ gather dataflow.
+- ``fused``: the fused C++ gather dataflow;
+- ``k ...``: the ``block`` dataflow's dense kernels alone on its gathered maps (forward conv,
+  grad-input, grad-weight; new and aten's): the "backward no slower than a forward" check.
 
 `--inductor` adds torch.compile of the plain gather-sum definition (forward only, the dropped
 candidate; its compile time is reported). Records the CPU model, its bf16/AMX flags and threads.
@@ -54,7 +56,9 @@ def depthwise_layers(arch: str, size: int) -> list[dict]:
         x = inputs[0]
         k, s, c = module.kernel_size[0], module.stride[0], module.in_channels
         key = (k, s, c, size // x.shape[-1])
-        entry = found.setdefault(key, {"kernel": k, "stride": s, "channels": c, "in_stride": key[3], "count": 0})
+        entry = found.setdefault(
+            key, {"kernel": k, "stride": s, "channels": c, "in_stride": key[3], "count": 0}
+        )
         entry["count"] += 1
 
     for m in model.modules():
@@ -117,6 +121,7 @@ def bench_layer(
         return run
 
     variants = {
+        **_map_kernels(op, probe, weight),
         "block": fwd_bwd("block"),
         "block-aten": fwd_bwd("block", aten=True),
         "dense": fwd_bwd("dense"),
@@ -140,6 +145,38 @@ def bench_layer(
     result["ms"] = {n: round(statistics.median(t) * 1e3, 3) for n, t in times.items()}
     result["min_ms"] = {n: round(min(t) * 1e3, 3) for n, t in times.items()}
     return result
+
+
+def _map_kernels(op, x, weight) -> dict:
+    """The dense kernels of the ``block`` dataflow alone, on its gathered maps: forward conv,
+    grad-input and grad-weight as `depthwise.maps_backward` computes them, and aten's grad-weight."""
+    import torch
+    import torch.nn.functional as F
+
+    from spark_me.sparse import dataflows, depthwise
+    from spark_me.sparse.geometry import layout_of
+
+    src = layout_of(x)
+    dst = src.geometry.layout(src.stride * op.stride)
+    flow = dataflows._Block(op, src, dst)
+    w = weight.detach()
+    maps = flow.gather(x.F.detach())
+    grad = torch.randn_like(F.conv2d(maps, w, None, op.stride, 0, 1, op.in_channels))
+    grad = grad.contiguous(memory_format=torch.channels_last)
+    c = op.in_channels
+
+    def aten(mask):
+        return lambda: torch.ops.aten.convolution_backward(
+            grad, maps, w, None, [op.stride] * 2, [0, 0], [1, 1], False, [0, 0], c, mask
+        )
+
+    return {
+        "k fwd": lambda: F.conv2d(maps, w, None, op.stride, 0, 1, c),
+        "k grad-in": lambda: depthwise.maps_backward(grad, maps, w, op.stride, 0, (True, False, False)),
+        "k grad-w": lambda: depthwise.maps_backward(grad, maps, w, op.stride, 0, (False, True, False)),
+        "k aten grad-in": aten([True, False, False]),
+        "k aten grad-w": aten([False, True, False]),
+    }
 
 
 def _inductor_variant(op, x, weight, bias):
@@ -169,6 +206,66 @@ def _inductor_variant(op, x, weight, bias):
     return run, round(compile_s, 2)
 
 
+def _before():
+    """The code before issue 21: aten's depthwise backward, no ``fused`` candidate."""
+    from contextlib import ExitStack
+
+    from spark_me.sparse import depthwise
+
+    stack = ExitStack()
+    stack.enter_context(mock.patch.object(depthwise, "maps_backward", _aten_maps_backward))
+    stack.enter_context(mock.patch.object(depthwise, "native_available", lambda: False))
+    return stack
+
+
+def bench_encoder(arch: str, batch: int, size: int, ratio: float, repeats: int, clock) -> dict:
+    """Sparse encoder fwd+bwd (own tuner each), before vs after, plus masked-dense, interleaved."""
+    import contextlib
+
+    import timm
+    import torch
+
+    import spark_me
+    from spark_me.models.reference import MaskedDenseEncoder
+
+    torch.manual_seed(0)
+    encoders = {"before": spark_me.create_encoder(arch), "after": spark_me.create_encoder(arch)}
+    encoders["after"].load_state_dict(encoders["before"].state_dict())
+    timm_model = timm.create_model(arch, num_classes=0)
+    timm_model.load_state_dict(encoders["before"].state_dict(), strict=False)
+    masked = MaskedDenseEncoder(timm_model)
+    images = torch.randn(batch, 3, size, size)
+    active = spark_me.random_mask(batch, size, size, ratio)
+
+    def sparse(name):
+        def run():
+            with _before() if name == "before" else contextlib.nullcontext():
+                feats = encoders[name].forward_sparse(spark_me.sparsify(images, active))
+                sum(f.F.sum() for f in feats).backward()
+
+        return run
+
+    def masked_dense():
+        sum(f.sum() for f in masked(images, active)).backward()
+
+    variants = {
+        "sparse before": sparse("before"),
+        "sparse after": sparse("after"),
+        "masked-dense": masked_dense,
+    }
+    for fn in variants.values():  # warm-up: each sparse encoder tunes its dataflows here
+        fn()
+    times: dict[str, list[float]] = {n: [] for n in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            start = clock()
+            fn()
+            times[name].append(clock() - start)
+    med = {n: round(statistics.median(t), 4) for n, t in times.items()}
+    depthwise_rows = [list(r) for r in encoders["after"].dataflow_table() if "depthwise" in str(r)]
+    return {"arch": arch, "seconds": med, "all_seconds": times, "depthwise_dataflows_after": depthwise_rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--archs", nargs="+", default=["convnext_tiny", "efficientnet_b0"])
@@ -184,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         help="cpu: CPU seconds of the process (time.process_time), immune to the descheduling that "
         "dominates wall-clock times on a crowded host; meaningful with --threads 1",
     )
+    parser.add_argument("--encoder", action="store_true", help="whole sparse encoders, before vs after")
     parser.add_argument("--inductor", action="store_true", help="also time torch.compile's gather-sum")
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
     args = parser.parse_args(argv)
@@ -203,17 +301,21 @@ def main(argv: list[str] | None = None) -> int:
     env["native"] = depthwise.native_available()
     log.info("%s", env)
     rows = []
-    for arch in args.archs:
+    for arch in args.archs if args.encoder else ():
+        row = bench_encoder(arch, args.batch_size, args.size, args.ratio, args.repeats, clock)
+        log.info("%s encoder fwd+bwd s: %s", arch, row["seconds"])
+        rows.append(row)
+    for arch in args.archs if not args.encoder else ():
         for layer in depthwise_layers(arch, args.size):
             row = {"arch": arch} | bench_layer(
                 layer, args.batch_size, args.size, args.ratio, args.repeats, args.inductor, clock
             )
             ms = row["ms"]
+            k, s, c = layer["kernel"], layer["stride"], layer["channels"]
+            times = " ".join(f"{n} {v:.2f}" for n, v in ms.items())
             log.info(
-                "%s dw%dx%d/%d c%d @s%d x%d: %s",
-                arch, layer["kernel"], layer["kernel"], layer["stride"], layer["channels"], layer["in_stride"],
-                layer["count"], " ".join(f"{n} {v:.2f}" for n, v in ms.items()),
-            )  # fmt: skip
+                "%s dw%dx%d/%d c%d @s%d x%d: %s", arch, k, k, s, c, layer["in_stride"], layer["count"], times
+            )
             rows.append(row)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

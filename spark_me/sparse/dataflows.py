@@ -247,7 +247,9 @@ def fused(op: SparseOp, x: ME.SparseTensor, src: BlockLayout, dst: BlockLayout, 
     bias = bias.to(dtype) if bias is not None else None
     windows = src.window_index(op.halo, op.kernel_size, op.stride)
     symmetric = op.stride == 1 and op.kernel_size % 2 == 1
-    return depthwise.FusedDepthwise.apply(x.F.to(dtype).contiguous(), weight.to(dtype), bias, windows, symmetric)
+    return depthwise.FusedDepthwise.apply(
+        x.F.to(dtype).contiguous(), weight.to(dtype), bias, windows, symmetric
+    )
 
 
 Dataflow = Callable[..., Tensor]

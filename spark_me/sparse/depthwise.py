@@ -81,8 +81,20 @@ def gather_sum(x: Tensor, index: Tensor, weight: Tensor, bias: Tensor | None = N
     x, index, weight = x.contiguous(), index.contiguous(), weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
     out = x.new_empty(m, channels)
-    fn(x.data_ptr(), n, index.data_ptr(), m, kk, weight.data_ptr(),
-       bias.data_ptr() if bias is not None else None, out.data_ptr(), channels, torch.get_num_threads())  # fmt: skip
+    bias_ptr = bias.data_ptr() if bias is not None else None
+    threads = torch.get_num_threads()
+    fn(
+        x.data_ptr(),
+        n,
+        index.data_ptr(),
+        m,
+        kk,
+        weight.data_ptr(),
+        bias_ptr,
+        out.data_ptr(),
+        channels,
+        threads,
+    )
     return out
 
 
@@ -142,7 +154,10 @@ def maps_backward(
         if stride == 1 and padding <= k - 1:
             grad_g = F.conv2d(grad, weight.flip(-1, -2), None, 1, k - 1 - padding, 1, channels)
         else:
-            extra = [size - ((out - 1) * stride - 2 * padding + k) for size, out in zip(g.shape[2:], grad.shape[2:])]
+            extra = [
+                size - ((out - 1) * stride - 2 * padding + k)
+                for size, out in zip(g.shape[2:], grad.shape[2:], strict=True)
+            ]
             grad_g = F.conv_transpose2d(grad, weight, None, stride, padding, extra, channels)
     if needs[1]:
         grad_w = map_weight_grad(g, grad, k, stride, padding)

@@ -44,12 +44,14 @@ def test_maps_backward_equals_aten(kernel: int, stride: int, padding: str, gen: 
     x = x.contiguous(memory_format=torch.channels_last)
     w = torch.randn(CHANNELS, 1, kernel, kernel, generator=gen, dtype=torch.float64)
     y = F.conv2d(x, w, None, stride, pad, 1, CHANNELS)
-    grad = torch.randn(y.shape, generator=gen, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(y.shape, generator=gen, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last
+    )
     ref = torch.ops.aten.convolution_backward(
         grad, x, w, [CHANNELS], [stride] * 2, [pad] * 2, [1, 1], False, [0, 0], CHANNELS, [True, True, True]
     )
     got = depthwise.maps_backward(grad, x, w, stride, pad, (True, True, True))
-    for name, a, b in zip(("grad input", "grad weight", "grad bias"), got, ref):
+    for name, a, b in zip(("grad input", "grad weight", "grad bias"), got, ref, strict=True):
         assert a.shape == b.shape, name
         assert rel_err(a, b) <= 1e-10, f"{name}: {rel_err(a, b):.2e}"
 
@@ -111,7 +113,7 @@ def test_depthwise_dataflows_equal_masked_dense(kernel, stride, in_stride, case,
     assert "fused" in names or not depthwise.native_available()
     for name in names:
         got = sparse_run(name, op, x, active, in_stride, weight, bias, probe)
-        for what, a, r in zip(("forward", "grad input", "grad weight", "grad bias"), got, ref):
+        for what, a, r in zip(("forward", "grad input", "grad weight", "grad bias"), got, ref, strict=True):
             assert rel_err(a, r) <= 1e-10, f"{name} {what}: {rel_err(a, r):.2e}"
 
 
@@ -127,7 +129,7 @@ def test_fused_plain_torch_path_equals_masked_dense(stride: int, gen, monkeypatc
     probe = torch.randn(2, 6, 12 // stride, 8 // stride, generator=gen, dtype=torch.float64)
     got = sparse_run("fused", op, x, active, 32 // 4, weight, bias, probe)
     ref = oracle(x, active, weight, bias, op, probe)
-    for what, a, r in zip(("forward", "grad input", "grad weight", "grad bias"), got, ref):
+    for what, a, r in zip(("forward", "grad input", "grad weight", "grad bias"), got, ref, strict=True):
         assert rel_err(a, r) <= 1e-10, f"{what}: {rel_err(a, r):.2e}"
 
 
@@ -145,7 +147,7 @@ def test_bfloat16_under_autocast_close_to_float64(name: str, gen) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = sparse_run(name, op, x.float(), active, 8, weight.float(), bias.float(), probe)
     assert got[0].dtype == torch.bfloat16
-    for what, a, r in zip(("forward", "grad input", "grad weight", "grad bias"), got, ref):
+    for what, a, r in zip(("forward", "grad input", "grad weight", "grad bias"), got, ref, strict=True):
         assert rel_err(a.double(), r) <= 3e-2, f"{what}: {rel_err(a.double(), r):.2e}"
 
 
