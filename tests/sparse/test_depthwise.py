@@ -160,3 +160,56 @@ def test_build_key_names_the_source(tmp_path) -> None:
     b.write_text("int f() { return 2; }\n")
     assert native.build_key(a, compiler) == native.build_key(a, compiler)
     assert native.build_key(a, compiler) != native.build_key(b, compiler)
+
+
+def map_windows(batch: int, height: int, width: int, kernel: int, stride: int) -> torch.Tensor:
+    """[N_out, k*k] window table of a dense map's rows (b, y, x order), padding k//2 -> pad row N."""
+    n, p = batch * height * width, kernel // 2
+    rows = torch.full((batch, height + 2 * p, width + 2 * p), n)
+    rows[:, p : p + height, p : p + width] = torch.arange(n).view(batch, height, width)
+    return rows.unfold(1, kernel, stride).unfold(2, kernel, stride).reshape(-1, kernel * kernel)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_threaded_kernels_equal_aten(stride: int, gen) -> None:
+    """The kernels split rows across OpenMP threads (the weight gradients into one partial sum per
+    thread). Autograd's backward runs on its own thread count, so the kernels are called directly
+    here, three threads, on a dense map's window table, against aten's conv and its backward."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        k, (b, h, w) = 5, (2, 11, 7)
+        x = torch.randn(b, CHANNELS, h, w, generator=gen, dtype=torch.float64)
+        x = x.contiguous(memory_format=torch.channels_last)
+        weight = torch.randn(CHANNELS, 1, k, k, generator=gen, dtype=torch.float64)
+        y = F.conv2d(x, weight, None, stride, k // 2, 1, CHANNELS)
+        grad = torch.randn(y.shape, generator=gen, dtype=torch.float64).contiguous(
+            memory_format=torch.channels_last
+        )
+        ref_in, ref_w, _ = torch.ops.aten.convolution_backward(
+            grad,
+            x,
+            weight,
+            None,
+            [stride] * 2,
+            [k // 2] * 2,
+            [1, 1],
+            False,
+            [0, 0],
+            CHANNELS,
+            [True, True, False],
+        )
+        rows, grad_rows = (
+            x.permute(0, 2, 3, 1).reshape(-1, CHANNELS),
+            grad.permute(0, 2, 3, 1).reshape(-1, CHANNELS),
+        )
+        windows, columns = map_windows(b, h, w, k, stride), weight.reshape(CHANNELS, -1).t()
+        out = depthwise.gather_sum(rows, windows, columns)
+        assert rel_err(out, y.permute(0, 2, 3, 1).reshape(-1, CHANNELS)) <= 1e-10
+        got_in = depthwise.gather_sum(grad_rows, depthwise.inverse_windows(windows, len(rows)), columns)
+        assert rel_err(got_in, ref_in.permute(0, 2, 3, 1).reshape(-1, CHANNELS)) <= 1e-10
+        got_w = depthwise.gather_weight_grad(rows, windows, grad_rows).t().reshape(weight.shape)
+        assert rel_err(got_w, ref_w) <= 1e-10
+        assert rel_err(depthwise.map_weight_grad(x, grad, k, stride, k // 2), ref_w) <= 1e-10
+    finally:
+        torch.set_num_threads(threads)
