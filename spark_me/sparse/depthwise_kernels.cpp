@@ -122,41 +122,90 @@ inline void gather_sum_scalar(const T* x, i64 n, const i64* idx, i64 kk, const T
   store1(out + c, acc);
 }
 
+// R output rows at once for U vectors of channels: each weight vector is loaded once for R
+// multiply-adds (weights are shared by all outputs, neighbours are not).
+template <typename T, int U, int R>
+inline void gather_sum_rows(const T* x, i64 n, const i64* idx, i64 kk, const T* w, const T* bias, i64 C,
+                            i64 c0, T* out) {
+  using V = typename Acc<T>::V;
+  constexpr int L = kLanes<T>;
+  V acc[R][U];
+  for (int q = 0; q < R; ++q)
+    for (int u = 0; u < U; ++u) acc[q][u] = bias ? loadv(bias + c0 + u * L) : V{};
+  for (i64 j = 0; j < kk; ++j) {
+    V wv[U];
+    for (int u = 0; u < U; ++u) wv[u] = loadv(w + j * C + c0 + u * L);
+    for (int q = 0; q < R; ++q) {
+      const i64 r = idx[q * kk + j];
+      if (r >= n) continue;
+      for (int u = 0; u < U; ++u) acc[q][u] += loadv(x + r * C + c0 + u * L) * wv[u];
+    }
+  }
+  for (int q = 0; q < R; ++q)
+    for (int u = 0; u < U; ++u) storev(out + q * C + c0 + u * L, acc[q][u]);
+}
+
 template <typename T>
 void gather_sum(const T* x, i64 n, const i64* idx, i64 m, i64 kk, const T* w, const T* bias, T* out, i64 C,
                 int threads) {
   constexpr int L = kLanes<T>;
+  constexpr i64 R = 4;
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (i64 i = 0; i < m; ++i) {
-    const i64* row = idx + i * kk;
-    T* o = out + i * C;
-    i64 c = 0;
-    for (; c + 4 * L <= C; c += 4 * L) gather_sum_vec<T, 4>(x, n, row, kk, w, bias, C, c, o);
-    for (; c + L <= C; c += L) gather_sum_vec<T, 1>(x, n, row, kk, w, bias, C, c, o);
-    for (; c < C; ++c) gather_sum_scalar(x, n, row, kk, w, bias, C, c, o);
+  for (i64 g = 0; g < (m + R - 1) / R; ++g) {
+    const i64 i0 = g * R;
+    if (i0 + R <= m) {
+      const i64* rows = idx + i0 * kk;
+      T* o = out + i0 * C;
+      i64 c = 0;
+      for (; c + 2 * L <= C; c += 2 * L) gather_sum_rows<T, 2, R>(x, n, rows, kk, w, bias, C, c, o);
+      for (; c + L <= C; c += L) gather_sum_rows<T, 1, R>(x, n, rows, kk, w, bias, C, c, o);
+      for (; c < C; ++c)
+        for (i64 i = i0; i < i0 + R; ++i) gather_sum_scalar(x, n, idx + i * kk, kk, w, bias, C, c, out + i * C);
+      continue;
+    }
+    for (i64 i = i0; i < m; ++i) {
+      const i64* row = idx + i * kk;
+      T* o = out + i * C;
+      i64 c = 0;
+      for (; c + 4 * L <= C; c += 4 * L) gather_sum_vec<T, 4>(x, n, row, kk, w, bias, C, c, o);
+      for (; c + L <= C; c += L) gather_sum_vec<T, 1>(x, n, row, kk, w, bias, C, c, o);
+      for (; c < C; ++c) gather_sum_scalar(x, n, row, kk, w, bias, C, c, o);
+    }
   }
 }
 
 // -- gather_wgrad ---------------------------------------------------------------------------------
 constexpr i64 kTile = 32;  // output rows whose gradient stays in L1 while every offset reads it
 
-template <typename T, int U>
-inline void gather_wgrad_vec(const T* x, i64 n, const i64* idx, i64 i0, i64 i1, i64 kk, const T* g, i64 C,
-                             i64 c0, typename Acc<T>::S* gw) {
+// J kernel offsets at once for U vectors of channels over rows [i0, i1): each gradient vector is
+// loaded once for J multiply-adds, the J*U accumulators stay in registers along the rows.
+template <typename T, int U, int J>
+inline void gather_wgrad_vec(const T* x, i64 n, const i64* idx, i64 i0, i64 i1, i64 kk, i64 j0, const T* g,
+                             i64 C, i64 c0, typename Acc<T>::S* gw) {
   using V = typename Acc<T>::V;
   constexpr int L = kLanes<T>;
-  for (i64 j = 0; j < kk; ++j) {
-    V acc[U];
-    for (int u = 0; u < U; ++u) acc[u] = loadv(gw + j * C + c0 + u * L);
-    for (i64 i = i0; i < i1; ++i) {
-      const i64 r = idx[i * kk + j];
+  V acc[J][U];
+  for (int q = 0; q < J; ++q)
+    for (int u = 0; u < U; ++u) acc[q][u] = loadv(gw + (j0 + q) * C + c0 + u * L);
+  for (i64 i = i0; i < i1; ++i) {
+    V gv[U];
+    for (int u = 0; u < U; ++u) gv[u] = loadv(g + i * C + c0 + u * L);
+    for (int q = 0; q < J; ++q) {
+      const i64 r = idx[i * kk + j0 + q];
       if (r >= n) continue;
-      const T* xr = x + r * C + c0;
-      const T* gi = g + i * C + c0;
-      for (int u = 0; u < U; ++u) acc[u] += loadv(xr + u * L) * loadv(gi + u * L);
+      for (int u = 0; u < U; ++u) acc[q][u] += loadv(x + r * C + c0 + u * L) * gv[u];
     }
-    for (int u = 0; u < U; ++u) storev(gw + j * C + c0 + u * L, acc[u]);
   }
+  for (int q = 0; q < J; ++q)
+    for (int u = 0; u < U; ++u) storev(gw + (j0 + q) * C + c0 + u * L, acc[q][u]);
+}
+
+template <typename T, int U>
+inline void gather_wgrad_offsets(const T* x, i64 n, const i64* idx, i64 i0, i64 i1, i64 kk, const T* g, i64 C,
+                                 i64 c0, typename Acc<T>::S* gw) {
+  i64 j = 0;
+  for (; j + 4 <= kk; j += 4) gather_wgrad_vec<T, U, 4>(x, n, idx, i0, i1, kk, j, g, C, c0, gw);
+  for (; j < kk; ++j) gather_wgrad_vec<T, U, 1>(x, n, idx, i0, i1, kk, j, g, C, c0, gw);
 }
 
 template <typename T>
@@ -171,8 +220,8 @@ void gather_wgrad(const T* x, i64 n, const i64* idx, i64 m, i64 kk, const T* g, 
     for (i64 i0 = begin; i0 < end; i0 += kTile) {
       const i64 i1 = i0 + kTile < end ? i0 + kTile : end;
       i64 c = 0;
-      for (; c + 4 * L <= C; c += 4 * L) gather_wgrad_vec<T, 4>(x, n, idx, i0, i1, kk, g, C, c, part);
-      for (; c + L <= C; c += L) gather_wgrad_vec<T, 1>(x, n, idx, i0, i1, kk, g, C, c, part);
+      for (; c + 2 * L <= C; c += 2 * L) gather_wgrad_offsets<T, 2>(x, n, idx, i0, i1, kk, g, C, c, part);
+      for (; c + L <= C; c += L) gather_wgrad_offsets<T, 1>(x, n, idx, i0, i1, kk, g, C, c, part);
       for (; c < C; ++c)
         for (i64 j = 0; j < kk; ++j)
           for (i64 i = i0; i < i1; ++i) {
