@@ -27,6 +27,7 @@ from torch import Tensor
 
 from spark_me.sparse import native
 
+ATEN_BACKWARD_MAX_KERNEL = 3  # measured: benchmarks/README.md, "Fused depthwise"
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {
@@ -147,8 +148,15 @@ def maps_backward(
     grad [B, C, Ho, Wo], g [B, C, H, W], weight [C, 1, k, k]. grad-input is the depthwise conv of
     the gradient with the flipped kernel (stride 1), or the transposed depthwise conv with the
     output padding that restores H x W (stride > 1): both run aten's fast forward kernels.
+    Kernels up to 3x3 keep aten's own backward: oneDNN's is fast there (its weight gradient beat
+    `map_wgrad` by 10-30 % on EfficientNet-B0's 3x3 layers), slow from 5x5 on (4-30x its forward).
     """
     channels, k = weight.shape[0], weight.shape[-1]
+    if k <= ATEN_BACKWARD_MAX_KERNEL:
+        return torch.ops.aten.convolution_backward(
+            grad, g, weight, [channels] if needs[2] else None, [stride] * 2, [padding] * 2, [1, 1], False,
+            [0, 0], channels, list(needs),
+        )  # fmt: skip
     grad_g = grad_w = grad_b = None
     if needs[0]:
         if stride == 1 and padding <= k - 1:

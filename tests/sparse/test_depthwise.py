@@ -51,6 +51,8 @@ def test_maps_backward_equals_aten(kernel: int, stride: int, padding: str, gen: 
         grad, x, w, [CHANNELS], [stride] * 2, [pad] * 2, [1, 1], False, [0, 0], CHANNELS, [True, True, True]
     )
     got = depthwise.maps_backward(grad, x, w, stride, pad, (True, True, True))
+    if kernel <= depthwise.ATEN_BACKWARD_MAX_KERNEL:  # aten's own backward there: check the kernel too
+        assert rel_err(depthwise.map_weight_grad(x, grad, kernel, stride, pad), ref[1]) <= 1e-10
     for name, a, b in zip(("grad input", "grad weight", "grad bias"), got, ref, strict=True):
         assert a.shape == b.shape, name
         assert rel_err(a, b) <= 1e-10, f"{name}: {rel_err(a, b):.2e}"
