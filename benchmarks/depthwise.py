@@ -79,8 +79,17 @@ def _aten_maps_backward(grad, g, weight, stride, padding, needs):
 
 
 def bench_layer(
-    layer: dict, batch: int, size: int, ratio: float, repeats: int, inductor: bool, clock=time.perf_counter
+    layer: dict,
+    batch: int,
+    size: int,
+    ratio: float,
+    repeats: int,
+    inductor: bool,
+    clock=time.perf_counter,
+    amp: str = "none",
 ) -> dict:
+    """Median (and min) ms of every variant on one layer; `amp` "bf16": the dataflows under CPU
+    autocast (the dense-kernel-only and inductor variants are then left out)."""
     import torch
 
     from spark_me.sparse import dataflows, depthwise
@@ -121,7 +130,7 @@ def bench_layer(
         return run
 
     variants = {
-        **_map_kernels(op, probe, weight),
+        **(_map_kernels(op, probe, weight) if amp == "none" else {}),
         "block": fwd_bwd("block"),
         "block-aten": fwd_bwd("block", aten=True),
         "dense": fwd_bwd("dense"),
@@ -132,8 +141,10 @@ def bench_layer(
         "fwd fused": fwd("fused"),
     }
     result: dict = {"layer": layer, "sites": len(feats)}
-    if inductor:
+    if inductor and amp == "none":
         variants["fwd inductor"], result["inductor_compile_s"] = _inductor_variant(op, probe, weight, bias)
+    if amp == "bf16":
+        variants = {n: _autocast(fn) for n, fn in variants.items()}
     times: dict[str, list[float]] = {n: [] for n in variants}
     for fn in variants.values():  # warm-up
         fn()
@@ -145,6 +156,16 @@ def bench_layer(
     result["ms"] = {n: round(statistics.median(t) * 1e3, 3) for n, t in times.items()}
     result["min_ms"] = {n: round(min(t) * 1e3, 3) for n, t in times.items()}
     return result
+
+
+def _autocast(fn):
+    import torch
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fn()
+
+    return run
 
 
 def _map_kernels(op, x, weight) -> dict:
@@ -281,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         help="cpu: CPU seconds of the process (time.process_time), immune to the descheduling that "
         "dominates wall-clock times on a crowded host; meaningful with --threads 1",
     )
+    parser.add_argument("--amp", choices=("none", "bf16"), default="none", help="layers under CPU autocast")
     parser.add_argument("--encoder", action="store_true", help="whole sparse encoders, before vs after")
     parser.add_argument("--inductor", action="store_true", help="also time torch.compile's gather-sum")
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
@@ -308,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     for arch in args.archs if not args.encoder else ():
         for layer in depthwise_layers(arch, args.size):
             row = {"arch": arch} | bench_layer(
-                layer, args.batch_size, args.size, args.ratio, args.repeats, args.inductor, clock
+                layer, args.batch_size, args.size, args.ratio, args.repeats, args.inductor, clock, args.amp
             )
             ms = row["ms"]
             k, s, c = layer["kernel"], layer["stride"], layer["channels"]
