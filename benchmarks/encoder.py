@@ -57,21 +57,64 @@ def saved_mib(loss_fn, params) -> float:
     return sum(seen.values()) / 2**20
 
 
+def stage_outputs(model, stages: list[str], images):
+    """The dense model's own stage outputs (forward hooks; the forward stops after the last one)."""
+
+    class Done(Exception):
+        pass
+
+    outs: list = []
+
+    def keeper(last: bool):
+        def keep(module, inputs, output) -> None:
+            outs.append(output)
+            if last:
+                raise Done
+
+        return keep
+
+    hooks = [model.get_submodule(s).register_forward_hook(keeper(s == stages[-1])) for s in stages]
+    try:
+        (getattr(model, "forward_features", None) or model)(images)
+    except Done:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return outs
+
+
 def compare(arch: str, ratio: float, batch: int, size: int, amp: str, repeats: int, device: str,
-            dataflow: str = "auto") -> dict:  # fmt: skip
-    """Median fwd+bwd seconds of the three encoders, interleaved, and the sparse dataflow table."""
+            dataflow: str = "auto", generic: bool = True) -> dict:  # fmt: skip
+    """Median fwd+bwd seconds of the encoders, interleaved, and the sparse dataflow table.
+
+    Variants: `sparse` (what `create_encoder(arch)` builds), `masked_dense` (SparK's emulation: the
+    hand-written reference for ResNet / ConvNeXt, the masked-dense TorchFunctionMode for the other
+    families), `dense` (the timm model on the whole image) and, for the hand-written families with
+    `generic`, `generic` (the same timm model run by the generic path, same weights).
+    """
     import timm
     import torch
 
     import spark_me
+    from benchmarks.machine import cpu
+    from spark_me.models.masked_dense import masked_dense_features
     from spark_me.models.reference import MaskedDenseEncoder
+    from spark_me.models.registry import is_hand_written
 
     dev = torch.device(device)
     torch.manual_seed(0)
     sparse = spark_me.create_encoder(arch, dataflow=dataflow).to(dev)
-    timm_model = timm.create_model(arch, num_classes=0).to(dev)
-    timm_model.load_state_dict(sparse.state_dict(), strict=False)
-    masked = MaskedDenseEncoder(timm_model)
+    hand = is_hand_written(arch)
+    if hand:
+        timm_model = timm.create_model(arch, num_classes=0).to(dev)
+        timm_model.load_state_dict(sparse.state_dict(), strict=False)
+        masked = MaskedDenseEncoder(timm_model)
+        stages = [f"layer{i}" for i in (1, 2, 3, 4)] if arch.startswith("resnet") else [
+            f"stages.{i}" for i in range(4)
+        ]  # fmt: skip
+    else:
+        timm_model, stages = sparse.model, sparse.stage_names  # the same module, run densely
     channels_last = dev.type == "cuda"  # what a GPU user runs; on the CPU it made no difference
     if channels_last:
         timm_model.to(memory_format=torch.channels_last)
@@ -81,30 +124,35 @@ def compare(arch: str, ratio: float, batch: int, size: int, amp: str, repeats: i
         if ratio > 0
         else torch.ones(batch, size // 32, size // 32, dtype=torch.bool, device=dev)
     )
-    indices = [1, 2, 3, 4] if arch.startswith("resnet") else [0, 1, 2, 3]
     autocast = (
         torch.autocast(dev.type, dtype=getattr(torch, AMP[amp])) if AMP[amp] else contextlib.nullcontext()
     )
 
-    def loss_sparse():
-        with autocast:
-            feats = sparse.forward_sparse(spark_me.sparsify(images, active))
-        return sum(f.F.float().sum() for f in feats)
+    def sparse_loss(encoder):
+        def loss():
+            with autocast:
+                feats = encoder.forward_sparse(spark_me.sparsify(images, active))
+            return sum(f.F.float().sum() for f in feats)
+
+        return loss
 
     def loss_masked():
+        x = images.contiguous(memory_format=torch.channels_last) if channels_last else images
         with autocast:
-            feats = masked(
-                images.contiguous(memory_format=torch.channels_last) if channels_last else images, active
-            )
+            feats = masked(x, active) if hand else masked_dense_features(timm_model, stages, x, active)
         return sum(f.float().sum() for f in feats)
 
     def loss_dense():
         with autocast:
-            feats = timm_model.forward_intermediates(images, indices=indices, intermediates_only=True)
+            feats = stage_outputs(timm_model, stages, images)
         return sum(f.float().sum() for f in feats)
 
-    variants = {"sparse": loss_sparse, "masked_dense": loss_masked, "dense": loss_dense}
-    for fn in variants.values():  # warm-up; the sparse one tunes its dataflows here
+    variants = {"sparse": sparse_loss(sparse), "masked_dense": loss_masked, "dense": loss_dense}
+    if hand and generic:
+        twin = spark_me.create_encoder(arch, dataflow=dataflow, generic=True).to(dev)
+        twin.load_state_dict(sparse.state_dict())
+        variants["generic"] = sparse_loss(twin)
+    for fn in variants.values():  # warm-up; the sparse ones tune their dataflows here
         fn().backward()
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
@@ -113,13 +161,15 @@ def compare(arch: str, ratio: float, batch: int, size: int, amp: str, repeats: i
     params = list(sparse.parameters()) + list(timm_model.parameters())
     saved = {name: saved_mib(fn, params) for name, fn in variants.items()}
     med = {name: statistics.median(t) for name, t in times.items()}
-    return {
+    row = {
         "arch": arch,
+        "path": "hand-written" if hand else "generic",
         "mask_ratio": ratio,
         "batch": batch,
         "size": size,
         "amp": amp,
         "device": str(dev),
+        "cpu": cpu(),
         "seconds": med,
         "all_seconds": times,
         "saved_for_backward_mib": saved,
@@ -128,6 +178,9 @@ def compare(arch: str, ratio: float, batch: int, size: int, amp: str, repeats: i
         "sparse_vs_dense": med["dense"] / med["sparse"],
         "dataflows": [list(row) for row in sparse.dataflow_table()],
     }
+    if "generic" in med:
+        row["generic_vs_hand_written"] = med["generic"] / med["sparse"]
+    return row
 
 
 def compare_steps(
@@ -193,6 +246,7 @@ def describe(row: dict) -> str:
         f"  vs dense x{row['sparse_vs_dense']:.2f}"
         f"  saved activations x{row['memory_vs_masked_dense']:.2f}"
         f" ({mib['sparse']:.0f} / {mib['masked_dense']:.0f} MiB)"
+        + (f"  generic / hand-written {row['generic_vs_hand_written']:.3f}" if "generic" in s else "")
     )
 
 
@@ -207,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataflow", default="auto", help="auto, rules, block, dense, gemm, fused or me")
     p.add_argument("--device", default=None)
     p.add_argument("--layers", action="store_true", help="print the per-layer dataflow table")
+    p.add_argument(
+        "--no-generic", dest="generic", action="store_false",
+        help="hand-written families: do not also time the generic path on the same model",
+    )  # fmt: skip
     p.add_argument("--step", action="store_true", help="whole SparK steps (decoder, loss, LAMB) instead")
     p.add_argument("--out", type=Path, default=None, help="write results JSON here")
     args = p.parse_args(argv)
@@ -214,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from benchmarks.machine import cpu, cpu_line
+
+    log.info("on %s", cpu_line(cpu()))
     rows = []
     for arch in args.archs:
         for amp in args.amp:
@@ -222,8 +283,9 @@ def main(argv: list[str] | None = None) -> int:
                     row = compare_steps(arch, ratio, args.batch_size, args.size, amp, args.repeats, device)
                 else:
                     row = compare(
-                        arch, ratio, args.batch_size, args.size, amp, args.repeats, device, args.dataflow
-                    )
+                        arch, ratio, args.batch_size, args.size, amp, args.repeats, device, args.dataflow,
+                        args.generic,
+                    )  # fmt: skip
                 rows.append(row)
                 log.info("%-15s amp %-4s mask %.2f: %s", arch, amp, ratio, describe(row))
                 for name, op, flow in row.get("dataflows", []) if args.layers else []:

@@ -40,10 +40,14 @@ def expected_shapes(arch: str, **model_kwargs) -> dict[str, torch.Size]:
 
 @functools.lru_cache(maxsize=64)
 def _shapes(arch: str, model_kwargs: tuple) -> tuple[tuple[str, torch.Size], ...]:
-    from spark_me.models.registry import create_encoder
+    from spark_me.models.registry import create_encoder, is_hand_written
 
-    with torch.device("meta"):
-        encoder = create_encoder(arch, **dict(model_kwargs))
+    # Hand-written encoders build on the meta device (no memory, no time); the generic path runs
+    # its model once at construction to find the modules after the last stage, so it needs real
+    # tensors (a second or so).
+    device = torch.device("meta") if is_hand_written(arch) else torch.device("cpu")
+    with device:
+        encoder = create_encoder(arch, dataflow="rules", **dict(model_kwargs))
     return tuple((k, v.shape) for k, v in encoder.state_dict().items())
 
 

@@ -55,6 +55,26 @@ def cmd_pretrain(args: argparse.Namespace, extra: list[str]) -> int:
     return run(cfg)
 
 
+def cmd_finetune(args: argparse.Namespace, extra: list[str]) -> int:
+    """Classification fine-tuning (flags: `spark-me finetune --help`)."""
+    from spark_me.engine.finetune_config import resolve
+
+    cfg = resolve(extra)  # bad values fail here, before timm or the data load
+    from spark_me.engine.finetune import run
+
+    return run(cfg)
+
+
+def cmd_probe(args: argparse.Namespace, extra: list[str]) -> int:
+    """Frozen-feature k-NN / linear probe (flags: `spark-me probe --help`)."""
+    from spark_me.engine.probe_config import resolve
+
+    cfg = resolve(extra)
+    from spark_me.engine.probe import run
+
+    return run(cfg)
+
+
 def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
     """Benchmarks (flags: `spark-me bench --help`)."""
     from benchmarks.harness import main as bench_main
@@ -113,6 +133,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     cfg = PretrainConfig(
         arch=config["arch"],
         model_kwargs=config.get("model_kwargs") or {},
+        model=config.get("model"),
+        stages=config.get("stages"),
         decoder_width=config["decoder_width"],
         mask_ratio=mask_ratio,
     )
@@ -143,6 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
         "pretrain", help="SparK pretraining (see spark-me pretrain --help)", add_help=False
     )
     pretrain.set_defaults(func=cmd_pretrain, takes_extra=True)
+    classify = sub.add_parser(
+        "finetune", help="classification fine-tuning (see spark-me finetune --help)", add_help=False
+    )
+    classify.set_defaults(func=cmd_finetune, takes_extra=True)
+    probe = sub.add_parser(
+        "probe", help="k-NN / linear probe on frozen features (see spark-me probe --help)", add_help=False
+    )
+    probe.set_defaults(func=cmd_probe, takes_extra=True)
     finetune = sub.add_parser(
         "finetune-det", help="Detectron2 Mask R-CNN fine-tuning of an export", add_help=False
     )

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from converters.io import NotACheckpoint, load_state, save_state
-from converters.timm_format import to_timm
+from converters.timm_format import encoder_state, to_timm
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,10 @@ def save(output_dir: Path, state: dict, epoch: int, numbered: bool, keep_last: i
     """`state` holds model/optimizer/scaler/epoch/step/config; writes the timm export beside it."""
     output_dir = Path(output_dir)
     config = state["config"]
-    timm_state = to_timm(state["model"], config["arch"], **config.get("model_kwargs", {}))
+    if config.get("model"):  # one's own module (--model): its own keys, no timm twin to check against
+        timm_state = {k: v.detach().clone() for k, v in encoder_state(state["model"]).items()}
+    else:
+        timm_state = to_timm(state["model"], config["arch"], **config.get("model_kwargs", {}))
     names = ["last"] + ([f"{epoch:04d}"] if numbered else [])
     for name in names:
         save_state(state, output_dir / f"checkpoint-{name}.pth")

@@ -25,6 +25,8 @@ class PretrainConfig:
     # model
     arch: str = "resnet50"
     model_kwargs: dict = field(default_factory=dict)  # architecture-shaping kwargs (depths, dims, ...)
+    model: str | None = None  # "package.module:factory" building one's own nn.Module (instead of --arch)
+    stages: list[str] | None = None  # its stride 4/8/16/32 stage modules (default: its feature_info)
     drop_path: float | None = None  # None: SparK's per-arch default
     decoder_width: int = 768
     mask_ratio: float = 0.6
@@ -115,7 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(PRESETS),
         help="named option set; 'demo' is used when --data_path is not given",
     )
-    add("--arch", help="encoder: spark-me/timm name, e.g. resnet50, convnextv2_tiny")
+    add(
+        "--arch", help="encoder: a spark-me or timm CNN name, e.g. resnet50, convnextv2_tiny, efficientnet_b0"
+    )
+    add(
+        "--model",
+        help="one's own CNN instead of --arch: 'package.module:factory', a function returning the "
+        "nn.Module (called with --model_kwargs; the package must be importable)",
+    )
+    add(
+        "--stages",
+        type=lambda s: [p for p in s.split(",") if p],
+        help="comma-separated names of the stride 4,8,16,32 stage modules (default: feature_info)",
+    )
     add(
         "--model_kwargs",
         type=yaml.safe_load,

@@ -30,7 +30,7 @@ from spark_me.engine.optim import (
     set_weight_decay,
     weight_decay_at,
 )
-from spark_me.models.registry import create_encoder
+from spark_me.models.registry import create_encoder, load_factory
 from spark_me.models.spark import SparK
 from spark_me.sparse.sync_batchnorm import convert_sync_batchnorm
 from spark_me.viz import save_reconstructions
@@ -44,8 +44,12 @@ class NonFiniteLoss(RuntimeError):
 
 def build_model(cfg: PretrainConfig, dataflow_cache: Path | None = None) -> SparK:
     """The SparK model; its encoder's dataflow choices persist in `dataflow_cache` (JSON), if given."""
-    drop_path = cfg.drop_path if cfg.drop_path is not None else DROP_PATH.get(cfg.arch, 0.0)
-    encoder = create_encoder(cfg.arch, drop_path_rate=drop_path, **cfg.model_kwargs)
+    if cfg.model:  # one's own nn.Module: its factory gets exactly --model_kwargs
+        encoder = create_encoder(load_factory(cfg.model)(**cfg.model_kwargs), stages=cfg.stages)
+    else:
+        drop_path = cfg.drop_path if cfg.drop_path is not None else DROP_PATH.get(cfg.arch, 0.0)
+        kwargs = {"drop_path_rate": drop_path} if drop_path else {}
+        encoder = create_encoder(cfg.arch, stages=cfg.stages, **kwargs, **cfg.model_kwargs)
     encoder.set_dataflow(cfg.dataflow, dataflow_cache)
     return SparK(encoder, decoder_width=cfg.decoder_width, mask_ratio=cfg.mask_ratio)
 

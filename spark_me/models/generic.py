@@ -70,12 +70,18 @@ class GenericSparseEncoder(SparseEncoder):
     removed because they run after the last stage.
     """
 
+    # convert_sync_batchnorm leaves the model's BatchNorms alone and sets `sync_group` instead: the
+    # batch_norm handler then synchronises the statistics of the visible sites (norm.py).
+    syncs_batchnorm_itself = True
+
     def __init__(self, model: nn.Module, stages: Sequence[str] | None = None, name: str | None = None):
         super().__init__()
         self.arch = name or type(model).__name__
         self.stage_names = list(stages) if stages is not None else stages_from_feature_info(model, self.arch)
         if len(self.stage_names) != 4:
-            raise ValueError(f"{self.arch}: 4 stage modules needed (strides 4, 8, 16, 32), got {self.stage_names}")
+            raise ValueError(
+                f"{self.arch}: 4 stage modules needed (strides 4, 8, 16, 32), got {self.stage_names}"
+            )
         modules = dict(model.named_modules())
         unknown = [s for s in self.stage_names if s not in modules]
         if unknown:
@@ -143,7 +149,9 @@ class GenericSparseEncoder(SparseEncoder):
             out = captured[stage]
             if not isinstance(out, SparseValue) or out.site_stride != stride or out.feats.dim() != 2:
                 what = f"stride {out.site_stride}" if isinstance(out, SparseValue) else type(out).__name__
-                raise ValueError(f"{self.arch}: stage '{stage}' gives {what}, SparK needs a map at stride {stride}")
+                raise ValueError(
+                    f"{self.arch}: stage '{stage}' gives {what}, SparK needs a map at stride {stride}"
+                )
             outputs.append(out)
         return outputs
 
@@ -206,10 +214,13 @@ def _input_channels(model: nn.Module) -> int:
 
 
 def _prune(model: nn.Module, ran: set[str]) -> list[str]:
-    """Replace the modules (with state) that never ran by `nn.Identity`; their names."""
+    """Replace the modules (with state) of which no part ran by `nn.Identity`; their names.
+
+    Containers count as run when a descendant ran (a ModuleList is iterated, never called)."""
+    reached = {p.rsplit(".", i)[0] for p in ran for i in range(p.count(".") + 1)}
     dropped = []
     for path, module in list(model.named_modules()):
-        if not path or path in ran or any(path.startswith(d + ".") for d in dropped):
+        if not path or path in reached or any(path.startswith(d + ".") for d in dropped):
             continue
         if next(module.parameters(), None) is None and next(module.buffers(), None) is None:
             continue

@@ -39,6 +39,12 @@ def list_encoders(pattern: str = "*") -> list[str]:
     return sorted(name for name in {*_ENCODERS, *TESTED_TIMM} if fnmatch.fnmatch(name, pattern))
 
 
+def is_hand_written(arch: str) -> bool:
+    """Whether `create_encoder(arch)` builds a hand-written encoder (ResNet, ConvNeXt V1/V2)."""
+    _ensure_loaded()
+    return arch in _ENCODERS
+
+
 def create_encoder(
     arch: str | nn.Module,
     dataflow: str = "auto",
@@ -68,13 +74,32 @@ def create_encoder(
     return encoder
 
 
+def load_factory(spec: str) -> Callable[..., nn.Module]:
+    """'package.module:factory' -> the factory (a function or class building an `nn.Module`)."""
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"--model {spec!r}: expected 'package.module:factory'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"--model {spec!r}: cannot import {module_name} ({err})") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ValueError(f"--model {spec!r}: {module_name} has no callable {attr!r}")
+    return factory
+
+
 def _timm_model(arch: str, kwargs: dict) -> nn.Module:
     import timm
 
     if not timm.is_model(arch):
         known = sorted(_ENCODERS) + list(TESTED_TIMM)
         close = [n for n in known if n.split("_")[0] == arch.split("_")[0]] or known
-        raise ValueError(f"unknown architecture {arch!r}: not a timm model; tested: {', '.join(sorted(close))}")
+        raise ValueError(
+            f"unknown architecture {arch!r}: not a timm model; tested: {', '.join(sorted(close))}"
+        )
     return timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
 
 

@@ -13,7 +13,6 @@ from torch.profiler import record_function
 from spark_me.masking import PATCH, random_mask
 from spark_me.models.decoder import LightDecoder
 from spark_me.models.encoder import SparseEncoder, check_mask
-from spark_me.models.resnet import SparseResNet
 from spark_me.sparse.layers import SparseBatchNorm2d, SparseLayerNorm, with_features
 from spark_me.sparse.tensor import densify, sparsify, upsample_mask
 
@@ -50,6 +49,11 @@ class SparKOutput:
     active: Tensor  # [B, H/32, W/32] bool, visible cells
 
 
+def uses_batchnorm(encoder: nn.Module) -> bool:
+    """Whether the encoder normalises with BatchNorm (any `_BatchNorm`, sparse or timm's)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in encoder.modules())
+
+
 class SparK(nn.Module):
     """Sparse masked modelling around any `SparseEncoder` (see `spark_me.create_encoder`)."""
 
@@ -59,9 +63,11 @@ class SparK(nn.Module):
         self.mask_ratio = mask_ratio
         widths = [decoder_width // 2**i for i in range(4)]  # stride 32, 16, 8, 4
         enc_channels = list(reversed(encoder.channels))  # stride 32 first
-        # The official sparse ConvNeXt LayerNorm uses eps 1e-6 (torch's default 1e-5 shifts the
-        # gradients by ~5e-3 relative); ResNets use a sparse BN with torch's defaults.
-        norm = SparseBatchNorm2d if isinstance(encoder, SparseResNet) else partial(SparseLayerNorm, eps=1e-6)
+        # As the official SparK: BatchNorm-based encoders (ResNets) densify through a sparse BN with
+        # torch's defaults; the others (ConvNeXt) through a sparse LayerNorm with eps 1e-6 (torch's
+        # default 1e-5 shifts the gradients by ~5e-3 relative). Generic encoders: BN if the model
+        # has BatchNorm layers.
+        norm = SparseBatchNorm2d if uses_batchnorm(encoder) else partial(SparseLayerNorm, eps=1e-6)
         # Densify, per scale from stride 32 to 4: sparse norm -> mask token at holes -> projection.
         self.densify_norms = nn.ModuleList(norm(c) for c in enc_channels)
         self.mask_tokens = nn.ParameterList(nn.Parameter(torch.zeros(1, c, 1, 1)) for c in enc_channels)

@@ -276,8 +276,11 @@ def candidates(op: SparseOp) -> list[str]:
 def run(name: str, op: SparseOp, x: ME.SparseTensor, weight: Tensor | None, bias: Tensor | None):
     """Compute `op` on `x` with dataflow `name`: (features [N_out, C_out], output coordinate map key).
 
-    Tensors not on a canonical block map (not made by `sparsify`) always run on ``me``.
+    Tensors not on a canonical block map (not made by `sparsify`) always run on ``me``. A batch
+    without any site is refused, whatever the dataflow (ME's functions crash on an empty map).
     """
+    if len(x.F) == 0:
+        raise ValueError(f"no visible site in the batch (every image is fully masked): cannot run {op!r}")
     geometry = geometry_of(x)
     src = geometry.layout_of(x) if geometry is not None else None
     if src is None:

@@ -8,7 +8,6 @@ import MinkowskiEngine as ME
 import torch
 from torch import Tensor
 
-
 KINDS = ("conv", "depthwise", "maxpool", "avgpool")
 POOLS = ("maxpool", "avgpool")
 

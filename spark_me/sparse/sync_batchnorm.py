@@ -125,16 +125,28 @@ def convert_sync_batchnorm(module: nn.Module, group=None) -> nn.Module:
     """
     from spark_me.sparse.layers import SparseBatchNorm2d
 
+    if getattr(module, "syncs_batchnorm_itself", False):  # a generic encoder: its BN handler syncs
+        module.sync_group = group
+        return module
     for name, child in list(module.named_children()):
-        if isinstance(child, SparseBatchNorm2d | SyncBatchNorm2dRows):
+        syncs_itself = getattr(child, "syncs_batchnorm_itself", False)
+        if syncs_itself or isinstance(child, SparseBatchNorm2d | SyncBatchNorm2dRows):
             child.sync_group = group
         elif type(child) is nn.BatchNorm2d:
             on_cuda = child.weight is not None and child.weight.is_cuda
             if on_cuda:
                 new = nn.SyncBatchNorm.convert_sync_batchnorm(child, group)
             else:
-                new = SyncBatchNorm2dRows(child.num_features, child.eps, child.momentum, child.affine)
-                new.load_state_dict(child.state_dict())
+                new = SyncBatchNorm2dRows(
+                    child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+                )
+                # the same Parameter and buffer objects: an optimiser built before the conversion
+                # (as pretraining's is) must keep updating them
+                for name_, tensor in (
+                    *child.named_parameters(recurse=False),
+                    *child.named_buffers(recurse=False),
+                ):
+                    setattr(new, name_, tensor)
                 new.sync_group = group
                 new.train(child.training)
             setattr(module, name, new)

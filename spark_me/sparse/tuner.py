@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import MinkowskiEngine as ME
@@ -31,6 +33,10 @@ from spark_me.sparse.me_dataflow import supports as me_supports
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "rules", *dataflows.DATAFLOWS)
+# `dataflows.run`'s signature: (name, op, x, weight, bias) -> (features, output key)
+Runner = Callable[..., tuple[torch.Tensor, ME.CoordinateMapKey]]
+# a cache key's op, as `SparseOp.__repr__` writes it: "conv3x3/2 64->128 g2 b8 n~512 float32 cpu"
+_KEY_OP = re.compile(r"([a-z]+)(\d+)x\d+/(\d+) (\d+)->(\d+)(?: g(\d+))?( excl-pad)? b\d+ ")
 
 
 def rule(op: SparseOp, layout: BlockLayout) -> str:
@@ -57,10 +63,18 @@ def rule_for(op: SparseOp, x: ME.SparseTensor) -> str:
 class DataflowTuner:
     """Chooses and remembers the dataflow of every (op, shape bucket, dtype, device)."""
 
-    def __init__(self, mode: str = "auto", cache_file: str | Path | None = None, repeats: int = 2):
+    def __init__(
+        self,
+        mode: str = "auto",
+        cache_file: str | Path | None = None,
+        repeats: int = 2,
+        runner: Runner = dataflows.run,
+    ):
+        """`runner` runs a dataflow by name when measuring (`dataflows.run`; tests pass a wrapper to
+        see which dataflows are measured and to make one measurably slower)."""
         if mode not in MODES:
             raise ValueError(f"unknown dataflow mode {mode!r}; choose one of {', '.join(MODES)}")
-        self.mode, self.repeats = mode, repeats
+        self.mode, self.repeats, self.runner = mode, repeats, runner
         self.cache_file = Path(cache_file) if cache_file else None
         self.choices: dict[str, str] = {}
         self.timings: dict[str, dict[str, float]] = {}
@@ -105,7 +119,7 @@ class DataflowTuner:
             for i in range(self.repeats + 1):
                 _sync(x.device)
                 start = time.perf_counter()
-                out, _ = dataflows.run(name, op, probe, *params)
+                out, _ = self.runner(name, op, probe, *params)
                 out.backward(torch.ones_like(out))
                 _sync(x.device)
                 if i:
@@ -123,6 +137,8 @@ class DataflowTuner:
         tmp.replace(path)
 
     def load(self, path: str | Path) -> None:
+        """Add the choices of a cache file; refuses (ValueError) a file that is not one, or that names
+        a dataflow which cannot run the op of its key (a stale or hand-edited cache)."""
         try:
             data = json.loads(Path(path).read_text())
             choices = {str(k): str(v) for k, v in data["choices"].items()}
@@ -131,8 +147,27 @@ class DataflowTuner:
         unknown = sorted({v for v in choices.values() if v not in dataflows.DATAFLOWS})
         if unknown:
             raise ValueError(f"{path}: unknown dataflows {unknown}")
+        for key, name in choices.items():
+            op = _op_of_key(key)
+            if op is None:
+                raise ValueError(f"{path}: not a dataflow cache written by spark-me (key {key!r})")
+            if name not in dataflows.candidates(op) and not (name == "me" and me_supports(op)):
+                raise ValueError(f"{path}: dataflow {name!r} cannot run {op!r} (key {key!r})")
         self.choices.update(choices)
         self.timings.update(data.get("timings", {}))
+
+
+def _op_of_key(key: str) -> SparseOp | None:
+    """The op a cache key was written for (None if the key is not one `DataflowTuner.key` writes)."""
+    match = _KEY_OP.match(key)
+    if match is None:
+        return None
+    kind, k, stride, cin, cout, groups, excl_pad = match.groups()
+    try:
+        op = SparseOp(kind, int(k), int(stride), int(cin), int(cout), int(groups or 1), not excl_pad)
+    except ValueError:
+        return None
+    return op if key.startswith(f"{op!r} b") else None  # the whole op, as written
 
 
 def _sync(device: torch.device) -> None:

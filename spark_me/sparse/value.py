@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import MinkowskiEngine as ME
-import torch
 from torch import Tensor
 
 from spark_me.sparse.geometry import BlockLayout
@@ -111,10 +110,6 @@ class SparseValue(Tensor):
         self.feats, self.sites, self.channels_last, self.context = feats, layout, channels_last, context
 
     # -- construction -------------------------------------------------------------------------
-    @classmethod
-    def from_sparse(cls, x: ME.SparseTensor, layout: BlockLayout, context: ExecutionContext) -> SparseValue:
-        return cls(x.F, layout, False, context)
-
     def with_feats(
         self, feats: Tensor, layout: BlockLayout | None = None, channels_last: bool | None = None
     ) -> SparseValue:
@@ -164,8 +159,7 @@ class SparseValue(Tensor):
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         handler = HANDLERS.get(func)
         if handler is None:
-            context = _first_context(args, kwargs)
-            raise context.unsupported(op_name(func)) if context else UnsupportedOp(op_name(func))
+            raise first_value(args, kwargs).context.unsupported(op_name(func))
         return handler(*args, **(kwargs or {}))
 
     @classmethod
@@ -175,18 +169,8 @@ class SparseValue(Tensor):
 
     def __repr__(self, *, tensor_contents=None) -> str:  # no data to print
         kind = "channels-last" if self.channels_last else "channels-first"
-        return f"SparseValue(shape={tuple(self.shape)}, stride={self.site_stride}, sites={len(self.feats)}, {kind})"
-
-
-def _first_context(args, kwargs) -> ExecutionContext | None:
-    for a in (*args, *(kwargs or {}).values()):
-        if isinstance(a, SparseValue):
-            return a.context
-        if isinstance(a, list | tuple):
-            for b in a:
-                if isinstance(b, SparseValue):
-                    return b.context
-    return None
+        shape, sites = tuple(self.shape), len(self.feats)
+        return f"SparseValue(shape={shape}, stride={self.site_stride}, sites={sites}, {kind})"
 
 
 def first_value(args, kwargs=None) -> SparseValue:

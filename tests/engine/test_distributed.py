@@ -1,4 +1,5 @@
-"""DDP on the CPU with 2 gloo processes: gradients are the average of the ranks', and torchrun works."""
+"""DDP on the CPU with 2 gloo processes: gradients are the average of the ranks', and torchrun works
+(and every rank ends the run with the same BatchNorm running statistics: synchronised BNs)."""
 
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
         "--master_port",
         str(port),
         "-m",
-        "spark_me.cli",
+        "tests.engine.pretrain_ranks",  # spark_me.cli, and each rank's BN statistics saved after
         "pretrain",
         "--output_dir",
         str(tmp_path),
@@ -84,7 +85,8 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
         "1",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "effective batch: 8 (4 per process x 1 accum x 2 processes)" in result.stderr
     rows = [json.loads(line) for line in (tmp_path / "log.txt").read_text().splitlines()]
@@ -92,3 +94,11 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
     assert rows[0]["step"] == 12 // 8  # 12 training photographs, global batch 8, last partial batch dropped
     assert torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["step"] == 1
     assert 0.0 < rows[0]["val_loss"] < 3.0  # rank 0 evaluates the held-out photographs
+    # synchronised BNs: both ranks hold the same running statistics, which the step did move
+    stats = [torch.load(tmp_path / f"rank{r}-bn-stats.pt") for r in (0, 1)]
+    encoder = [n for n in stats[0] if n.startswith("encoder.")]
+    assert len(encoder) >= 2 * 20 and stats[0].keys() == stats[1].keys()
+    for name in stats[0]:
+        assert torch.equal(stats[0][name], stats[1][name]), name
+    moved = [n for n in encoder if "running_mean" in n and bool(stats[0][n].abs().max() > 0)]
+    assert len(moved) == len(encoder) // 2

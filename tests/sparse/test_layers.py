@@ -64,9 +64,10 @@ def compare(layer: nn.Module, dense_fn, x: torch.Tensor, active: torch.Tensor, s
 def test_conv(case, k: int, stride: int, dataflow: str) -> None:
     x, active = case
     conv = SparseConv2d(C, 5, k, stride, bias=True).double()
-    conv.tuner = DataflowTuner(dataflow if dataflow != "gemm" or k % 2 else "block")
+    conv.tuner = DataflowTuner(dataflow)
     pad = k // 2 if k % 2 else 0
     compare(conv, lambda t: F.conv2d(t, conv.weight, conv.bias, stride, pad), x, active, stride)
+    assert conv.last_dataflow == ("pointwise" if k * stride == 1 else dataflow)  # what was asked ran
 
 
 @pytest.mark.parametrize("dataflow", ["block", "dense", "me"])
@@ -76,6 +77,7 @@ def test_depthwise_conv(case, k: int, dataflow: str) -> None:
     conv = SparseDepthwiseConv2d(C, k).double()
     conv.tuner = DataflowTuner(dataflow)
     compare(conv, lambda t: F.conv2d(t, conv.weight, conv.bias, padding=k // 2, groups=C), x, active)
+    assert conv.last_dataflow == dataflow
 
 
 @pytest.mark.parametrize("train", [True, False])

@@ -32,7 +32,9 @@ def batch_norm(
         raise x.context.unsupported("batch_norm on a channels-last or multi-channel-dim map")
     rows = x.feats.contiguous()  # torch 2.14: eval-mode BN backward is wrong on non-contiguous input
     if _synchronised(x, training):
-        out = sync_batch_norm(rows, running_mean, running_var, weight, bias, momentum, eps, x.context.sync_group)
+        out = sync_batch_norm(
+            rows, running_mean, running_var, weight, bias, momentum, eps, x.context.sync_group
+        )
     else:
         out = F.batch_norm(rows, running_mean, running_var, weight, bias, training, momentum, eps)
     return x.with_feats(out)
@@ -72,4 +74,3 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps: float = 1e-
     if not x.channels_last or tuple(x.feats.shape[1:]) != shape:
         raise x.context.unsupported(f"layer_norm over {shape} of a map of shape {tuple(x.shape)}")
     return x.with_feats(F.layer_norm(x.feats, shape, weight, bias, eps))
-

@@ -85,10 +85,14 @@ def in_place(func: Callable) -> Callable:
 
 # Out-of-place elementwise functions: torch.*, Tensor methods and operators, F.* activations.
 _UNARY_NAMES = (
-    "abs neg exp log sqrt rsqrt sigmoid tanh relu sin cos square reciprocal erf sign floor ceil round"
-    " clamp clamp_min clamp_max clip pow hardtanh nan_to_num logit"
-).split()
-_BINARY_NAMES = "add sub subtract mul multiply div divide true_divide maximum minimum where lerp addcmul addcdiv".split()
+    "abs", "neg", "exp", "log", "sqrt", "rsqrt", "sigmoid", "tanh", "relu", "sin", "cos", "square",
+    "reciprocal", "erf", "sign", "floor", "ceil", "round", "clamp", "clamp_min", "clamp_max", "clip", "pow",
+    "hardtanh", "nan_to_num", "logit",
+)  # fmt: skip
+_BINARY_NAMES = (
+    "add", "sub", "subtract", "mul", "multiply", "div", "divide", "true_divide", "maximum", "minimum",
+    "where", "lerp", "addcmul", "addcdiv",
+)  # fmt: skip
 _ACTIVATIONS = (
     F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish,
     F.hardsigmoid, F.hardtanh, F.softplus, F.sigmoid, F.tanh, F.prelu, F.glu, F.logsigmoid,
@@ -135,3 +139,15 @@ for _func in _out_of_place():
     handles(_func)(elementwise(_func))
 for _func, _base in _in_place().items():
     handles(_func)(in_place(_base))
+
+
+@handles(Tensor.expand_as)
+def expand_as(input, other):
+    """A per-image / per-channel gate expanded over a map (ECA's ``y.expand_as(x)``): a value on the
+    map's sites, each holding its image's (or the shared) row."""
+    if isinstance(input, SparseValue):
+        if tuple(input.shape) != tuple(other.shape):
+            raise input.context.unsupported(f"expand_as from {tuple(input.shape)} to {tuple(other.shape)}")
+        return input
+    rows = as_rows(input, other)
+    return other.with_feats(rows.expand(len(other.feats), *rows.shape[1:]))

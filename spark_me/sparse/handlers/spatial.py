@@ -89,9 +89,7 @@ def conv2d(input, weight: Tensor, bias=None, stride=1, padding=0, dilation=1, gr
 
 
 @handles(F.max_pool2d)
-def max_pool2d(
-    input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False
-):
+def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
     x = input
     if return_indices or _pair(dilation, "dilation", x) != 1:
         raise x.context.unsupported("max_pool2d with indices or dilation")
@@ -129,7 +127,9 @@ def interpolate(
     """Nearest upsampling by an integer factor f: each site at stride s/f copies its parent at s."""
     x = input
     if mode != "nearest" or x.channels_last:
-        raise x.context.unsupported(f"interpolate(mode={mode!r}) (nearest upsampling of channels-first maps only)")
+        raise x.context.unsupported(
+            f"interpolate(mode={mode!r}) (nearest upsampling of channels-first maps only)"
+        )
     height, width = x.sites.dense_hw
     if size is not None:
         out_h, out_w = (size, size) if isinstance(size, int) else tuple(size)
@@ -139,7 +139,9 @@ def interpolate(
         pair = (scale_factor, scale_factor) if isinstance(scale_factor, int | float) else scale_factor
         factor = int(f) if float(f).is_integer() and pair[0] == pair[1] else 0
     if factor < 1 or x.site_stride % factor:
-        raise x.context.unsupported(f"interpolate from stride {x.site_stride} by size={size} scale={scale_factor}")
+        raise x.context.unsupported(
+            f"interpolate from stride {x.site_stride} by size={size} scale={scale_factor}"
+        )
     if factor == 1:
         return x
     src = x.sites
@@ -150,4 +152,3 @@ def interpolate(
     cells = torch.arange(src.num_cells, device=x.feats.device).view(-1, 1) * (b * b)
     parents = (cells + within).reshape(-1)
     return x.with_feats(x.feats.index_select(0, parents), layout=dst)
-

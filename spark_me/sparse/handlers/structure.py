@@ -34,7 +34,9 @@ def _channel_dim(x: SparseValue, dim: int, what: str) -> int:
     dim %= x.dim()
     channel = x.channel_dims()
     if dim not in channel:
-        raise x.context.unsupported(f"{what} along dim {dim} of a map of shape {tuple(x.shape)} (channels only)")
+        raise x.context.unsupported(
+            f"{what} along dim {dim} of a map of shape {tuple(x.shape)} (channels only)"
+        )
     return 1 + channel.index(dim)
 
 
