@@ -30,20 +30,6 @@ from unittest import mock
 log = logging.getLogger("spark_me.bench.depthwise")
 
 
-def cpu_info() -> dict:
-    """Model name, relevant ISA flags and core count (ratios differ from one CPU to the next)."""
-    import os
-
-    model, flags = "", set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name") and not model:
-            model = line.split(":", 1)[1].strip()
-        elif line.startswith("flags") and not flags:
-            flags = set(line.split(":", 1)[1].split())
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    return {"cpu": model, "flags": [f for f in wanted if f in flags], "cores": os.cpu_count()}
-
-
 def depthwise_layers(arch: str, size: int) -> list[dict]:
     """Distinct depthwise convs of `arch`: kernel, stride, channels and the stride of their input."""
     import timm
@@ -312,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from benchmarks import machine
     from spark_me.sparse import depthwise, native
 
     if args.threads:
@@ -319,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     start = time.perf_counter()
     native.build("depthwise_kernels")
-    env = cpu_info() | {"threads": torch.get_num_threads(), "torch": torch.__version__}
+    env = machine.cpu() | {"torch": torch.__version__, "clock": args.clock}
     env["native_build_or_cache_s"] = round(time.perf_counter() - start, 2)
     env["native"] = depthwise.native_available()
     log.info("%s", env)
