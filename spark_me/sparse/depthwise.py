@@ -13,7 +13,8 @@ Two uses (dataflows.py):
 
 The kernels are C++ (depthwise_kernels.cpp, built by native.py) for float32, float64 and bfloat16
 on the CPU. Elsewhere (CUDA, float16, no compiler) every function falls back to a plain torch
-definition of the same sum, which is exact but materialises what the kernels avoid.
+definition of the same sum, which is exact but materialises what the kernels avoid (in chunks of
+at most 2^24 elements, so that measuring it on a GPU cannot run out of memory).
 """
 
 from __future__ import annotations
@@ -62,6 +63,12 @@ def _kernel(name: str, *tensors: Tensor):
     return getattr(lib, f"spark_dw_{name}_{_SUFFIX[t.dtype]}") if lib is not None else None
 
 
+def _chunk_rows(kk: int, channels: int) -> int:
+    """Rows per chunk of the plain torch path, so that its gathered [rows, kk, C] stays <= 2^24
+    elements (64 MiB in float32): the tuner measures it on devices without the C++ kernels."""
+    return max(1, 2**24 // (kk * channels))
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -76,8 +83,8 @@ def gather_sum(x: Tensor, index: Tensor, weight: Tensor, bias: Tensor | None = N
     m, kk = index.shape
     fn = _kernel("gather_sum", x, weight, *([bias] if bias is not None else []))
     if fn is None:
-        padded = torch.cat([x, x.new_zeros(1, channels)])
-        out = (padded[index.clamp(max=n)] * weight).sum(1)
+        padded, rows = torch.cat([x, x.new_zeros(1, channels)]), index.clamp(max=n)
+        out = torch.cat([(padded[part] * weight).sum(1) for part in rows.split(_chunk_rows(kk, channels))])
         return out + bias if bias is not None else out
     x, index, weight = x.contiguous(), index.contiguous(), weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
@@ -109,8 +116,15 @@ def gather_weight_grad(x: Tensor, index: Tensor, grad: Tensor) -> Tensor:
     m, kk = index.shape
     fn = _kernel("gather_wgrad", x, grad)
     if fn is None:
-        padded = torch.cat([x, x.new_zeros(1, channels)])
-        return (padded[index.clamp(max=n)] * grad[:, None, :]).sum(0)
+        padded, rows, step = (
+            torch.cat([x, x.new_zeros(1, channels)]),
+            index.clamp(max=n),
+            _chunk_rows(kk, channels),
+        )
+        out = x.new_zeros(kk, channels)
+        for part, g in zip(rows.split(step), grad.split(step), strict=True):
+            out += (padded[part] * g[:, None, :]).sum(0)
+        return out
     x, index, grad = x.contiguous(), index.contiguous(), grad.contiguous()
     threads = torch.get_num_threads()
     parts = torch.zeros(threads, kk, channels, dtype=_acc_dtype(x.dtype))

@@ -121,8 +121,10 @@ def test_depthwise_dataflows_equal_masked_dense(kernel, stride, in_stride, case,
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_fused_plain_torch_path_equals_masked_dense(stride: int, gen, monkeypatch) -> None:
-    """Without the C++ kernels (no compiler, or CUDA) ``fused`` runs its plain torch definition."""
+    """Without the C++ kernels (no compiler, or CUDA) ``fused`` runs its plain torch definition, in
+    chunks of rows (3 here, so that there are many)."""
     monkeypatch.setattr(depthwise, "_library", lambda: None)
+    monkeypatch.setattr(depthwise, "_chunk_rows", lambda kk, channels: 3)
     op = SparseOp("depthwise", 5, stride, 6, 6)
     active = make_mask(gen, 2, (3, 2), "0.6")
     x = torch.randn(2, 6, 12, 8, generator=gen, dtype=torch.float64)
