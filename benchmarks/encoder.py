@@ -57,33 +57,6 @@ def saved_mib(loss_fn, params) -> float:
     return sum(seen.values()) / 2**20
 
 
-def stage_outputs(model, stages: list[str], images):
-    """The dense model's own stage outputs (forward hooks; the forward stops after the last one)."""
-
-    class Done(Exception):
-        pass
-
-    outs: list = []
-
-    def keeper(last: bool):
-        def keep(module, inputs, output) -> None:
-            outs.append(output)
-            if last:
-                raise Done
-
-        return keep
-
-    hooks = [model.get_submodule(s).register_forward_hook(keeper(s == stages[-1])) for s in stages]
-    try:
-        (getattr(model, "forward_features", None) or model)(images)
-    except Done:
-        pass
-    finally:
-        for h in hooks:
-            h.remove()
-    return outs
-
-
 def compare(arch: str, ratio: float, batch: int, size: int, amp: str, repeats: int, device: str,
             dataflow: str = "auto", generic: bool = True) -> dict:  # fmt: skip
     """Median fwd+bwd seconds of the encoders, interleaved, and the sparse dataflow table.
@@ -98,7 +71,7 @@ def compare(arch: str, ratio: float, batch: int, size: int, amp: str, repeats: i
 
     import spark_me
     from benchmarks.machine import cpu
-    from spark_me.models.masked_dense import masked_dense_features
+    from spark_me.models.masked_dense import masked_dense_features, stage_outputs
     from spark_me.models.reference import MaskedDenseEncoder
     from spark_me.models.registry import is_hand_written
 

@@ -4,8 +4,10 @@
 
 Each configuration runs in its own process (so peak memory is its own): warm-up steps, then the
 median of timed steps of zero_grad + forward + backward + LAMB step, and of the encoder alone
-(forward + backward). Peak memory: CUDA max allocated on a GPU; on the CPU the peak resident set
-(VmHWM) minus the resident set before the first step. Results: JSON + CSV + PNG plots.
+(forward + backward). Every variant runs at every mask ratio; the dense one (encoder on the whole
+image, decoder and loss at the ratio's mask) is also timed against plain timm training. Peak
+memory: CUDA max allocated on a GPU; on the CPU the peak resident set (VmHWM) minus the resident set
+before the first step. Results: JSON + CSV + PNG plots.
 """
 
 from __future__ import annotations
@@ -24,8 +26,13 @@ from pathlib import Path
 
 log = logging.getLogger("spark_me.bench")
 
+VARIANTS = ("sparse", "masked_dense", "dense")
 DEFAULT_ARCHS = ("resnet18", "resnet50", "convnext_tiny", "convnextv2_tiny")
 DEFAULT_RATIOS = (0.0, 0.25, 0.5, 0.6, 0.75, 0.9)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default."""
 
 
 def _rss_kib(field: str) -> int:
@@ -34,6 +41,18 @@ def _rss_kib(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def _timed(fn, dev) -> float:
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return time.perf_counter() - t0
 
 
 def measure(
@@ -48,72 +67,35 @@ def measure(
     decoder_width: int = 768,
     amp: str = "none",
 ) -> dict:
-    """One configuration, in this process. `amp`: "none", "bf16" or "fp16" autocast for the step."""
-    import contextlib
+    """One configuration, in this process. `amp`: "none", "bf16" or "fp16" autocast for the step.
 
+    The dense variant is also timed against plain timm training (`timm_step_s`, the same LAMB),
+    interleaved after its peak memory was read, so that the timm model does not count in it."""
     import torch
-    from timm.optim import Lamb
 
     import spark_me
-    from benchmarks.variants import build
+    from benchmarks.variants import bench_step, timm_step
 
     dev = torch.device(device)
     torch.manual_seed(0)
-    model = build(variant, arch, decoder_width=decoder_width, mask_ratio=ratio if ratio > 0 else 0.0).to(dev)
-    optimizer = Lamb(model.parameters(), lr=1e-4)
     images = torch.randn(batch, 3, size, size, device=dev)
-    if ratio > 0:
-        active = spark_me.random_mask(batch, size, size, ratio, device=dev)
-    else:
-        active = torch.ones(batch, size // 32, size // 32, dtype=torch.bool, device=dev)
-
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
-    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
-    def autocast():
-        return torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-
-    def full_step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast():
-            loss = model(images, active)
-        loss.backward()
-        optimizer.step()
-
-    def encoder_step() -> None:
-        with autocast():
-            feats = model.encode(images, active)
-        sum((f.F if hasattr(f, "F") else f).float().sum() for f in feats).backward()
+    active = spark_me.random_mask(batch, size, size, ratio, device=dev)
+    step = bench_step(variant, arch, images, active, decoder_width, amp)
 
     rss_before = _rss_kib("VmRSS")
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     for _ in range(warmup):
-        full_step()
-    times = []
-    for _ in range(steps):
-        sync()
-        t0 = time.perf_counter()
-        full_step()
-        sync()
-        times.append(time.perf_counter() - t0)
+        step.full_step()
+    times = [_timed(step.full_step, dev) for _ in range(steps)]
     peak = (
         torch.cuda.max_memory_allocated(dev)
         if dev.type == "cuda"
         else (_rss_kib("VmHWM") - rss_before) * 1024
     )
-    enc_times = []
-    for _ in range(max(1, steps)):
-        sync()
-        t0 = time.perf_counter()
-        encoder_step()
-        sync()
-        enc_times.append(time.perf_counter() - t0)
+    enc_times = [_timed(step.encoder_step, dev) for _ in range(max(1, steps))]
     step_s = statistics.median(times)
-    return {
+    row = {
         "arch": arch,
         "variant": variant,
         "batch": batch,
@@ -125,15 +107,28 @@ def measure(
         "peak_mem_mib": peak / 2**20,
         "step_times": times,
         "amp": amp,
-        "loss": None,
-        "dataflows": model.encoder.dataflow_table() if hasattr(model.encoder, "dataflow_table") else None,
+        "dataflows": step.model.encoder.dataflow_table()
+        if hasattr(step.model.encoder, "dataflow_table")
+        else None,
     }
+    if variant == "dense":
+        reference = timm_step(arch, images, amp)
+        reference.full_step()  # its warm-up
+        pairs = [
+            (_timed(step.full_step, dev), _timed(reference.full_step, dev)) for _ in range(max(1, steps))
+        ]
+        row["timm_step_s"] = statistics.median(t for _, t in pairs)
+        row["vs_timm"] = statistics.median(d for d, _ in pairs) / row["timm_step_s"]
+    return row
 
 
 def environment(device: str) -> dict:
     import MinkowskiEngine as ME
     import torch
 
+    from benchmarks.machine import cpu
+
+    cpu_info = cpu()
     env = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -141,7 +136,8 @@ def environment(device: str) -> dict:
         "cuda": torch.version.cuda,
         "device": device,
         "threads": torch.get_num_threads(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_info["model"],
+        "cpu_flags": cpu_info["flags"],  # avx512_bf16 / amx decide whether bf16 pays
         "machine": platform.machine(),
         "cores": os.cpu_count(),
     }
@@ -150,27 +146,17 @@ def environment(device: str) -> dict:
     return env
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def configs(args) -> list[dict]:
-    out = []
-    for arch in args.archs:
-        for size in args.sizes:
-            if "dense" in args.variants:  # no mask: one measurement, ratio-independent
-                out.append(dict(arch=arch, variant="dense", size=size, ratio=0.0))
-            for ratio in args.ratios:
-                for variant in ("sparse", "masked_dense"):
-                    if variant in args.variants:
-                        out.append(dict(arch=arch, variant=variant, size=size, ratio=ratio))
-    return out
+    """Every variant at every ratio (the dense variant's decoder and loss run at the ratio's mask,
+    so each ratio's rows are compared with a dense step of the same run)."""
+    return [
+        dict(arch=arch, variant=variant, size=size, ratio=ratio)
+        for arch in args.archs
+        for size in args.sizes
+        for ratio in args.ratios
+        for variant in VARIANTS
+        if variant in args.variants
+    ]
 
 
 def run_isolated(cfg: dict, args) -> dict:
@@ -206,7 +192,7 @@ def ratios_table(rows: list[dict]) -> list[dict]:
     for (arch, size, variant, ratio), r in sorted(by.items()):
         if variant != "sparse":
             continue
-        md, dn = by.get((arch, size, "masked_dense", ratio)), by.get((arch, size, "dense", 0.0))
+        md, dn = by.get((arch, size, "masked_dense", ratio)), by.get((arch, size, "dense", ratio))
         table.append(
             {
                 "arch": arch,
@@ -242,6 +228,8 @@ def write(out: Path, env: dict, rows: list[dict], args) -> None:
         "images_per_s",
         "encoder_step_s",
         "peak_mem_mib",
+        "timm_step_s",
+        "vs_timm",
         "error",
     ]
     with open(out / "results.csv", "w", newline="") as fh:
@@ -257,27 +245,28 @@ def write(out: Path, env: dict, rows: list[dict], args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="spark-me bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="spark-me bench", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--archs", nargs="+", default=list(DEFAULT_ARCHS), help="encoders")
+    p.add_argument("--sizes", nargs="+", type=int, default=[224], help="image sizes (multiples of 32)")
+    p.add_argument(
+        "--ratios", nargs="+", type=float, default=list(DEFAULT_RATIOS), help="mask ratios (every variant)"
     )
-    p.add_argument("--archs", nargs="+", default=list(DEFAULT_ARCHS))
-    p.add_argument("--sizes", nargs="+", type=int, default=[224])
-    p.add_argument("--ratios", nargs="+", type=float, default=list(DEFAULT_RATIOS))
     p.add_argument(
         "--variants",
         nargs="+",
-        default=["sparse", "masked_dense", "dense"],
-        choices=["sparse", "masked_dense", "dense"],
+        default=list(VARIANTS),
+        choices=list(VARIANTS),
+        help="dense: the encoder on the whole image, decoder and loss at the run's mask ratio",
     )
     p.add_argument("--batch_size", type=int, default=None, help="default: 32 on a GPU, 4 on the CPU")
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--decoder_width", type=int, default=768)
-    p.add_argument("--device", default=None)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--decoder_width", type=int, default=768, help="SparK decoder width")
+    p.add_argument("--device", default=None, help="cuda when available, else cpu")
     p.add_argument(
         "--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast dtype of the step"
     )
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/latest"))
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/latest"), help="results folder")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     import torch
@@ -328,6 +317,12 @@ def main(argv: list[str] | None = None) -> int:
                 row["encoder_step_s"],
                 row["peak_mem_mib"],
             )
+            if "vs_timm" in row:
+                log.info(
+                    "    dense step = x%.2f plain timm's training step (%.3f s, interleaved)",
+                    row["vs_timm"],
+                    row["timm_step_s"],
+                )
         write(args.out, env, rows, args)  # partial results survive an interruption
     for row in rows:
         if row.get("dataflows"):

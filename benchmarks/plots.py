@@ -31,8 +31,8 @@ def plot(rows: list[dict], out: Path) -> None:
                 )
                 if not pts:
                     continue
-                if variant == "dense":  # no masking: one value, drawn across
-                    ax.axhline(pts[0][1], color=color, linestyle="--", label="dense (no mask)")
+                if len(pts) == 1 and variant == "dense":  # older runs: one dense row, drawn across
+                    ax.axhline(pts[0][1], color=color, linestyle="--", label="dense")
                 else:
                     ax.plot(
                         *zip(*pts, strict=True), color=color, marker=marker, label=variant.replace("_", "-")

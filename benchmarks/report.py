@@ -27,7 +27,9 @@ def tables(path: Path) -> str:
     for (arch, size, variant, ratio), s in sorted(by.items()):
         if variant != "sparse":
             continue
-        md, dn = by.get((arch, size, "masked_dense", ratio), {}), by.get((arch, size, "dense", 0.0), {})
+        md = by.get((arch, size, "masked_dense", ratio), {})
+        # a dense row per ratio; older runs measured one, at ratio 0
+        dn = by.get((arch, size, "dense", ratio)) or by.get((arch, size, "dense", 0.0), {})
         cells = [
             arch,
             size,

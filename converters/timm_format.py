@@ -125,7 +125,8 @@ def _check(
         if guess and guess != arch:
             lines.append(f"  the keys look like {guess} (pass --arch {guess})")
         lines.append(
-            "  (wrong --arch? a different depth/width? pass allow_missing for keys you mean to drop)"
+            "  (wrong --arch? a different depth/width? keys you mean to drop: --allow-missing KEY ... "
+            "on the command line, allow_missing=[...] in Python)"
         )
         raise KeyMismatchError("\n".join(lines))
 

@@ -1,13 +1,13 @@
 """Fine-tune a spark-me backbone with Detectron2 (Mask R-CNN + FPN) and evaluate on COCO.
 
-    spark-me finetune-det --config-file mask_rcnn_R_50_FPN_1x.yaml --weights resnet50_spark.pkl \
-        --num-gpus 8 OUTPUT_DIR out/det_r50
-    spark-me finetune-det --eval-only MODEL.WEIGHTS out/det_r50/model_final.pth
-    spark-me finetune-det --smoke --weights resnet50_spark.pkl   # 2 CPU iterations on a tiny synthetic set
+    spark-me finetune-det --num-gpus 8 --weights resnet50_spark.pkl --output-dir out/det_r50
+    spark-me finetune-det --eval-only --output-dir out/det_r50 MODEL.WEIGHTS out/det_r50/model_final.pth
+    spark-me finetune-det --smoke --weights resnet50_spark.pkl   # 2 CPU iterations, tiny synthetic set
 
 `--weights` takes any spark-me output: the Detectron2 `.pkl` export, the timm export
 (.pth/.safetensors) or a pretraining checkpoint; every backbone tensor must load (see weights.py).
-Trailing `KEY VALUE` pairs override the config, as in Detectron2's tools.
+Trailing `KEY VALUE` pairs override the config, as in Detectron2's tools. Everything is written
+under --output-dir (default output/finetune_det; --smoke: output/finetune_det_smoke).
 """
 
 from __future__ import annotations
@@ -26,12 +26,14 @@ from detectron2.utils import comm
 from detection import solver
 from detection.config import load_config, resolve_config_file
 from detection.datasets import register_coco_root, register_spec
+from detection.logs import tidy_console
 from detection.tiny_coco import make_tiny_coco
 from detection.weights import load_pretrained_backbone
 
 log = logging.getLogger("spark_me.detection")
 
 DEFAULT_CONFIG = "mask_rcnn_R_50_FPN_1x.yaml"
+DEFAULT_OUTPUT = {False: "output/finetune_det", True: "output/finetune_det_smoke"}  # by --smoke
 
 
 class Trainer(DefaultTrainer):
@@ -86,9 +88,10 @@ def setup(args) -> CfgNode:
     if args.coco_root:
         register_coco_root(args.coco_root)
     opts = list(args.opts)
+    out = Path(args.output_dir or _opt(opts, "OUTPUT_DIR") or DEFAULT_OUTPUT[args.smoke])
     if args.smoke:
-        out = Path(_opt(opts, "OUTPUT_DIR") or "output/finetune_det_smoke")
-        opts = smoke_overrides(out / "tiny_coco") + ["OUTPUT_DIR", str(out)] + opts
+        opts = smoke_overrides(out / "tiny_coco") + opts
+    opts += ["OUTPUT_DIR", str(out)]
     config_file = str(resolve_config_file(args.config_file))
     cfg = load_config(config_file, opts)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
@@ -96,6 +99,7 @@ def setup(args) -> CfgNode:
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     default_setup(cfg, argparse.Namespace(**{**vars(args), "config_file": config_file}))  # copies the file
+    tidy_console(getattr(args, "verbose", False))
     return cfg
 
 
@@ -153,14 +157,23 @@ def build_parser():
         help="register a COCO-format dataset (repeatable); use it via DATASETS.TRAIN/TEST",
     )
     parser.add_argument(
+        "--output-dir",
+        "--output_dir",
+        dest="output_dir",
+        help="where checkpoints, logs and evaluations go (OUTPUT_DIR; default output/finetune_det, "
+        "with --smoke output/finetune_det_smoke: about 500 MB, the ResNet-50 model_final.pth)",
+    )
+    parser.add_argument(
         "--smoke", action="store_true", help="2 iterations on a tiny synthetic set, CPU-sized"
     )
+    parser.add_argument("--verbose", action="store_true", help="Detectron2's full console log")
     return parser
 
 
-def run(argv: list[str] | None = None) -> dict | None:
+def run(argv: list[str] | None = None, verbose: bool = False) -> dict | None:
     """Parse flags; one process runs in place (and returns its results), several are launched."""
     args = build_parser().parse_args(argv)
+    args.verbose = args.verbose or verbose
     if args.num_gpus * args.num_machines <= 1:
         return main(args)
     launch(

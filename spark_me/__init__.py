@@ -7,9 +7,15 @@ Names are resolved lazily so that `python3 -m spark_me.bootstrap` runs with a ba
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Any
 
 __version__ = "0.1.0"
+
+# MinkowskiEngine warns at every import that it was "compiled with CPU_ONLY flag". spark-me's CPU
+# set-up builds exactly that on purpose, so the line is noise here; `spark-me --verbose` shows it
+# again (and `spark-me smoke` says itself when torch sees a GPU that such a build cannot use).
+warnings.filterwarnings("ignore", message="The MinkowskiEngine was compiled with CPU_ONLY flag")
 
 # public name -> module that defines it
 _LAZY: dict[str, str] = {

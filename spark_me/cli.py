@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 log = logging.getLogger("spark_me")
@@ -28,6 +29,10 @@ def cmd_smoke(args: argparse.Namespace) -> int:
         torch.__version__,
         torch.cuda.is_available(),
     )
+    if torch.cuda.is_available() and not ME.is_cuda_available():
+        log.warning(
+            "MinkowskiEngine was built without CUDA although torch sees a GPU (SPARK_ME_CUDA=1 setup)"
+        )
     worst = 0.0
     for kernel_size, stride in [(3, 1), (3, 2), (7, 2), (2, 2), (4, 4), (1, 2)]:
         started = time.perf_counter()
@@ -99,7 +104,7 @@ def cmd_finetune_det(args: argparse.Namespace, extra: list[str]) -> int:
         return 1
     from detection.train_net import run
 
-    run(extra)
+    run(extra, verbose=args.verbose)
     return 0
 
 
@@ -155,7 +160,9 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spark-me", description="SparK pretraining on sparse tensors.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging and every warning of every library"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     smoke = sub.add_parser("smoke", help=cmd_smoke.__doc__)
     smoke.set_defaults(func=cmd_smoke)
@@ -191,9 +198,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# where our own code lives: its warnings are never silenced
+OWN_MODULES = r"(?!spark_me|converters|detection|benchmarks)"
+
+
+def quiet_warnings(verbose: bool) -> None:
+    """Deprecation notices of dependencies (torch.jit in Detectron2, pkg_resources, ...) are for
+    their maintainers, not for a user of this command; `--verbose` shows every warning."""
+    if verbose:
+        warnings.simplefilter("default")
+        return
+    for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category, module=OWN_MODULES)
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", module=OWN_MODULES)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    # `spark-me pretrain ... --verbose` works too
+    args.verbose = args.verbose or any(a in ("-v", "--verbose") for a in extra)
+    extra = [a for a in extra if a not in ("-v", "--verbose")]
+    quiet_warnings(args.verbose)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",

@@ -107,3 +107,38 @@ def test_reconstruct_refuses_bad_sizes_before_building_a_model(tmp_path: Path, c
     ):
         assert cli.main(["reconstruct", str(path), *flags]) == 1
         assert expected in caplog.text
+
+
+def _stderr(*args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "spark_me.cli", *args], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stderr
+
+
+def test_quiet_by_default_and_verbose_shows_everything() -> None:
+    """MinkowskiEngine's CPU_ONLY notice (the intended CPU build) and dependencies' deprecation
+    notices are not shown; --verbose (before or after the subcommand) shows them."""
+    quiet = _stderr("smoke")
+    assert "CPU_ONLY" not in quiet and "Warning" not in quiet, quiet
+    assert "smoke check passed" in quiet
+    for verbose in (["-v", "smoke"], ["smoke", "--verbose"]):
+        assert "compiled with CPU_ONLY flag" in _stderr(*verbose)
+
+
+def test_finetune_det_help_is_clean() -> None:
+    """No deprecation notices of Detectron2's dependencies before the usage, and the usage examples
+    keep their lines (the docstring's line continuation used to glue two together)."""
+    from ._fixtures import require_detectron2
+
+    require_detectron2()
+    result = subprocess.run(
+        [sys.executable, "-m", "spark_me.cli", "finetune-det", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert "--output-dir" in result.stdout and "--verbose" in result.stdout
+    assert all(len(line) < 120 for line in result.stdout.splitlines()), result.stdout

@@ -228,6 +228,12 @@ def main(argv: list[str] | None = None) -> int:
         help="run only these phases (comma-separated; default all): split the check over several "
         "commands when one command may run only minutes; the summary keeps earlier calls' phases",
     )
+    # the install options are taken out by bootstrap.parse_install_options before parse_args; they
+    # are declared here too so that the usage line and --help list them
+    install_opts = parser.add_argument_group("install options (as for every bootstrap command)")
+    install_opts.add_argument("--offline", metavar="DIR", help="install from this bundle only")
+    install_opts.add_argument("--system-torch", action="store_true", help="use this interpreter's torch")
+    install_opts.add_argument("--no-venv", action="store_true", help="install into this interpreter")
     logging.basicConfig(level=logging.INFO, format="[spark-me] %(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
         install, rest = bootstrap.parse_install_options(list(sys.argv[1:] if argv is None else argv))

@@ -1,9 +1,20 @@
 """Pretraining configuration: MAE-style flags, an optional YAML file, SparK's recipe as defaults.
 
-Precedence: command-line flag > YAML file > preset > SparK recipe default. With no `--data_path`
-the run trains on 12 of the 16 embedded photographs (4 are held out for the validation loss) with
-the `demo` preset (small model, small images, a few minutes on 2 CPU cores); every option set
-explicitly still wins. Impossible values are rejected here, before any data or model is touched.
+Precedence: command-line flag > YAML file > preset > SparK recipe default. Two presets:
+
+- `spark`: the paper's recipe (ResNet-50, 224 px, blr 2e-4, 1600 epochs, 40 of them warmup), meant
+  for ImageNet-scale data; the default whenever `--data_path` is given. It stays the default there
+  because it is the recipe this project reproduces and the only one known to work at scale: the
+  demo's base lr (0.15, 750x SparK's) was tuned at batch 8 on 12 photographs, and at SparK's batch
+  of 4096 it would mean an lr of 2.4. Short runs of it still train: its warmup scales with `--epochs`.
+- `demo`: the zero-argument run: 12 of the 16 embedded photographs (4 held out for the validation
+  loss), ResNet-18 at 96 px, a few minutes on 2 CPU cores; with `--data_path` it is the quick look
+  at one's own small folder (`--preset demo --data_path imgs`).
+
+Warmup: unless `--warmup_epochs` is given, it is the preset's share of its own run (SparK: 40 of
+1600 epochs = 2.5 %; demo: 2 of 24) applied to a shorter `--epochs` (`resolved_warmup`), and the
+run keeps at least one optimiser step after it. Impossible values are rejected here, before any
+data or model is touched.
 """
 
 from __future__ import annotations
@@ -11,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +30,16 @@ from typing import Any
 import yaml
 
 from spark_me.masking import PATCH, keep_count
+
+MAX_WORKERS = 8  # data-loader processes by default, at most (one per available core below that)
+
+
+def default_workers() -> int:
+    """Data-loader processes: one per core this process may use (several processes on one node
+    under torchrun share them), at most MAX_WORKERS; more would only contend for the same cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_process = cores // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    return max(0, min(per_process, MAX_WORKERS))
 
 
 @dataclass
@@ -33,7 +55,7 @@ class PretrainConfig:
     input_size: int = 224
     # data
     data_path: str | None = None
-    num_workers: int = 8
+    num_workers: int = field(default_factory=default_workers)  # the cores available, capped
     repeat: int = 1  # each epoch shows every image this many times (fresh crop and mask each time)
     val_path: str | None = None  # held-out images; None: the held-out photographs when data_path is None
     val_every: int = 1  # epochs between validation losses (0: never)
@@ -41,7 +63,7 @@ class PretrainConfig:
     batch_size: int = 32  # per GPU / process
     accum_iter: int = 1
     epochs: int = 1600
-    warmup_epochs: int = 40
+    warmup_epochs: float | None = None  # None: the preset's warmup share of its run (resolved_warmup)
     blr: float = 2e-4  # lr = blr * effective batch / 256
     lr: float | None = None  # absolute lr (overrides blr)
     min_lr_ratio: float = 0.001  # cosine ends at lr * min_lr_ratio ...
@@ -90,6 +112,8 @@ DROP_PATH = {
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
+    # SparK's recipe: the dataclass defaults above
+    "spark": {},
     # the zero-argument run: 12 photographs (4 more held out), a ResNet-18 at 96 px, 576 steps of 8
     # crops, about 5 min on 2 CPU cores; its masked-patch loss falls from 1.0 (patch means) to ~0.65
     "demo": dict(
@@ -98,7 +122,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         batch_size=8,
         repeat=16,  # 24 steps an epoch
         epochs=24,
-        warmup_epochs=2,
         blr=0.15,
         decoder_width=256,
         num_workers=0,
@@ -106,16 +129,55 @@ PRESETS: dict[str, dict[str, Any]] = {
         recon_every=4,
     ),
 }
+# preset -> (warmup epochs, of run epochs): the warmup share that a shorter --epochs keeps
+RECIPE_WARMUP = {"spark": (40, 1600), "demo": (2, 24)}
+
+
+# what a default that is None or computed means, for --help
+DEFAULT_MEANS = {
+    "preset": "spark with --data_path, else demo",
+    "drop_path": "SparK's per arch: " + ", ".join(f"{a} {r}" for a, r in DROP_PATH.items()) + ", others 0",
+    "data_path": "the embedded photographs",
+    "num_workers": f"the cores available, at most {MAX_WORKERS}",
+    "val_path": "the held-out embedded photographs without --data_path, else none",
+    "warmup_epochs": "the preset's share of its run (SparK 40 of 1600 epochs, demo 2 of 24) "
+    "applied to --epochs, at most the preset's own",
+    "lr": "from --blr",
+    "min_lr": "lr x 0.001",
+    "log_dir": "output_dir/tb",
+    "device": "cuda when available, else cpu",
+    "resume": "none",
+    "init_weight": "none",
+    "model_kwargs": "none",
+}
+
+
+def describe_default(name: str) -> str:
+    """`--help`'s default of option `name`: SparK's (the dataclass) and the demo preset's if it differs."""
+    fields = {f.name: f for f in dataclasses.fields(PretrainConfig)}
+    base = fields[name].default
+    if base is dataclasses.MISSING:
+        base = fields[name].default_factory()  # type: ignore[misc]
+    text = DEFAULT_MEANS.get(name) or str(base)
+    demo = PRESETS["demo"].get(name)
+    if demo is not None and demo != base:
+        text += f"; demo: {demo}"
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="spark-me pretrain", description="SparK pretraining on sparse tensors.")
+    p = argparse.ArgumentParser(
+        prog="spark-me pretrain",
+        description="SparK pretraining on sparse tensors. Defaults: SparK's recipe (preset 'spark'); "
+        "the 'demo' preset's value is shown where it differs.",
+    )
     add = p.add_argument
     add("--config", type=Path, help="YAML file with any of the options below (flags override it)")
     add(
         "--preset",
         choices=sorted(PRESETS),
-        help="named option set; 'demo' is used when --data_path is not given",
+        help="named option set: 'spark' = the paper's recipe for ImageNet-scale data; 'demo' = a "
+        "ResNet-18 at 96 px for a few minutes on a CPU (the embedded photographs or a small folder)",
     )
     add(
         "--arch", help="encoder: a spark-me or timm CNN name, e.g. resnet50, convnextv2_tiny, efficientnet_b0"
@@ -135,23 +197,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=yaml.safe_load,
         help="YAML mapping of encoder kwargs, e.g. '{depths: [1,1,3,1]}'",
     )
-    add("--drop_path", type=float)
-    add("--decoder_width", type=int)
-    add("--mask_ratio", type=float)
+    add("--drop_path", type=float, help="stochastic depth rate of the encoder")
+    add("--decoder_width", type=int, help="channels of the decoder's first block (halved at each)")
+    add("--mask_ratio", type=float, help="share of 32x32 patches hidden from the encoder")
     add("--input_size", type=int, help="crop size, a multiple of 32")
-    add("--data_path", help="folder of images (flat or ImageFolder tree); default: the embedded photographs")
-    add("--num_workers", type=int)
+    add("--data_path", help="folder of images (flat or ImageFolder tree)")
+    add("--num_workers", type=int, help="data-loader processes")
     add(
         "--repeat",
         type=int,
         help="show each image N times per epoch, each with its own crop and mask: for small folders, "
         "so that an epoch (log line, validation, checkpoint) is more than a step or two",
     )
-    add(
-        "--val_path",
-        help="folder of held-out images for the validation loss (centre crops, fixed masks); "
-        "default: the photographs held out of the embedded set when --data_path is not given, else none",
-    )
+    add("--val_path", help="folder of held-out images for the validation loss (centre crops, fixed masks)")
     add("--val_every", type=int, help="epochs between validation losses (0: no validation)")
     add("--batch_size", type=int, help="per GPU / process")
     add(
@@ -160,14 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="micro-batches per optimiser step; when it does not divide the batches of an epoch, "
         "the last (batches %% accum_iter) of each epoch are dropped (no update from a partial group)",
     )
-    add("--epochs", type=int)
-    add("--warmup_epochs", type=int)
+    add("--epochs", type=int, help="passes over the data")
+    add("--warmup_epochs", type=float, help="epochs of linear lr warmup (fractions allowed)")
     add("--blr", type=float, help="base lr: lr = blr * batch_size * accum_iter * world_size / 256")
     add("--lr", type=float, help="absolute lr (overrides --blr)")
-    add("--min_lr", type=float, help="final lr of the cosine (default lr * 0.001)")
-    add("--weight_decay", type=float)
-    add("--weight_decay_end", type=float)
-    add("--clip_grad", type=float)
+    add("--min_lr", type=float, help="final lr of the cosine")
+    add("--weight_decay", type=float, help="weight decay at the start (cosine ramp)")
+    add("--weight_decay_end", type=float, help="weight decay at the end")
+    add("--clip_grad", type=float, help="global gradient-norm clip inside LAMB (0: none)")
     add(
         "--amp",
         action=argparse.BooleanOptionalAction,
@@ -175,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="mixed precision: the sparse encoder's kernels, densify projections and decoder in "
         "--amp_dtype (the 'me' dataflow stays float32)",
     )
-    add("--amp_dtype", choices=("bf16", "fp16"))
+    add("--amp_dtype", choices=("bf16", "fp16"), help="autocast dtype with --amp")
     add(
         "--sync_bn",
         action=argparse.BooleanOptionalAction,
@@ -188,16 +246,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="how sparse convs are computed: auto measures each layer's fastest dataflow at its first "
         "use (cached in output_dir/dataflows.json); 'me' is MinkowskiEngine's own (float32) function",
     )
-    add("--output_dir")
-    add("--log_dir")
+    add("--output_dir", help="checkpoints, exports, logs, pictures")
+    add("--log_dir", help="tensorboard folder")
     add("--save_every", type=int, help="keep checkpoint-NNNN.pth every N epochs (0: checkpoint-last only)")
-    add("--keep_last", type=int)
+    add("--keep_last", type=int, help="numbered checkpoints kept (0: all)")
     add("--resume", help="full checkpoint to continue from (model, optimiser, schedule, epoch)")
     add("--auto_resume", action=argparse.BooleanOptionalAction, default=None, help="resume from output_dir")
     add("--init_weight", help="encoder weights only (timm or sparse layout); training starts at epoch 0")
-    add("--seed", type=int)
-    add("--device")
-    add("--recon_every", type=int)
+    add("--seed", type=int, help="seed of weights, crops and masks")
+    add("--device", help="torch device")
+    add("--recon_every", type=int, help="epochs between reconstruction pictures")
+    for action in p._actions:  # every option's default, as resolve() would fill it in
+        if action.dest in {f.name for f in dataclasses.fields(PretrainConfig)}:
+            action.help = f"{action.help or ''} (default: {describe_default(action.dest)})".lstrip()
     return p
 
 
@@ -214,11 +275,25 @@ def resolve(argv: list[str] | None = None) -> PretrainConfig:
             raise ValueError(f"unknown option(s) in {args.config}: {', '.join(sorted(unknown))}")
         from_file = read_yaml_floats(from_file)
     merged = {**from_file, **given}
-    preset = merged.get("preset") or (None if merged.get("data_path") else "demo")
-    values = {**PRESETS.get(preset, {}), **merged, "preset": preset}
+    preset = merged.get("preset") or ("spark" if merged.get("data_path") else "demo")
+    values = {**PRESETS[preset], **merged, "preset": preset}
     if values.get("betas") is not None:
         values["betas"] = tuple(values["betas"])
     return validate(PretrainConfig(**values))
+
+
+def resolved_warmup(cfg: PretrainConfig) -> tuple[float, str]:
+    """(warmup epochs, why): `--warmup_epochs` when given, else the preset's warmup share of its
+    run applied to `--epochs`, never more than the preset's own warmup. A recipe's 40 warmup epochs
+    would otherwise swallow a 2-epoch run whole, leaving the lr at 1e-8 throughout."""
+    if cfg.warmup_epochs is not None:
+        return float(cfg.warmup_epochs), "--warmup_epochs"
+    preset = cfg.preset if cfg.preset in RECIPE_WARMUP else "spark"
+    warmup, of_epochs = RECIPE_WARMUP[preset]
+    if cfg.epochs >= of_epochs:
+        return float(warmup), f"the {preset} recipe's {warmup} epochs"
+    scaled = warmup * cfg.epochs / of_epochs
+    return scaled, f"the {preset} recipe's {warmup} of {of_epochs} epochs, scaled to {cfg.epochs} epochs"
 
 
 def read_yaml_floats(values: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from timm.optim import Lamb
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
-from spark_me.engine.config import PretrainConfig
+from spark_me.engine.config import PretrainConfig, resolved_warmup
 
 # no weight decay: 1-D parameters (norms, biases, GRN, layer scale) and SparK's mask tokens
 NO_DECAY_NAMES = ("mask_tokens", "gamma")
@@ -54,8 +54,19 @@ def build_optimizer(model: nn.Module, cfg: PretrainConfig, lr: float) -> Lamb:
     )
 
 
+def warmup_steps(cfg: PretrainConfig, steps_per_epoch: int) -> tuple[int, str]:
+    """(optimiser steps of linear warmup, why): the resolved warmup epochs in steps, rounded, and
+    always at least one step short of the run, so that the peak lr and the cosine are reached."""
+    epochs, why = resolved_warmup(cfg)
+    total = cfg.epochs * steps_per_epoch
+    steps = round(epochs * steps_per_epoch)
+    if steps > total - 1:
+        steps, why = max(total - 1, 0), f"{why}, cut to leave one step after it"
+    return steps, f"{epochs:.3g} epochs: {why}"
+
+
 def build_lr_scheduler(optimizer, cfg: PretrainConfig, lr: float, steps_per_epoch: int) -> CosineLRScheduler:
-    warmup = cfg.warmup_epochs * steps_per_epoch
+    warmup, _ = warmup_steps(cfg, steps_per_epoch)
     total = max(cfg.epochs * steps_per_epoch, warmup + 1)
     return CosineLRScheduler(
         optimizer,

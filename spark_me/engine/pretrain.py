@@ -28,8 +28,10 @@ from spark_me.engine.optim import (
     build_optimizer,
     scaled_lr,
     set_weight_decay,
+    warmup_steps,
     weight_decay_at,
 )
+from spark_me.engine.sizes import checkpoint_sizes, mib, numbered_kept, run_bytes
 from spark_me.models.registry import create_encoder, load_factory
 from spark_me.models.spark import SparK
 from spark_me.sparse.sync_batchnorm import convert_sync_batchnorm
@@ -54,7 +56,9 @@ def build_model(cfg: PretrainConfig, dataflow_cache: Path | None = None) -> Spar
     return SparK(encoder, decoder_width=cfg.decoder_width, mask_ratio=cfg.mask_ratio)
 
 
-def build_loader(cfg: PretrainConfig, env: DistEnv) -> tuple[DataLoader, DistributedSampler]:
+def build_loader(cfg: PretrainConfig, env: DistEnv) -> tuple[DataLoader, DistributedSampler, ImageFiles]:
+    """The training loader, its sampler and the indexed image files (indexed once: a skipped file
+    is reported once)."""
     # the embedded photographs are few: decode them once instead of at every step
     images = ImageFiles(cfg.data_path, pretrain_transform(cfg.input_size), keep_decoded=cfg.data_path is None)
     dataset = ConcatDataset([images] * cfg.repeat) if cfg.repeat > 1 else images
@@ -76,13 +80,36 @@ def build_loader(cfg: PretrainConfig, env: DistEnv) -> tuple[DataLoader, Distrib
         drop_last=True,
         persistent_workers=False,
     )
-    return loader, sampler
+    return loader, sampler, images
 
 
-def picture_batch(cfg: PretrainConfig, count: int = 4) -> torch.Tensor:
-    """Fixed images for the reconstruction pictures (the same every epoch)."""
-    dataset = ImageFiles(cfg.data_path, eval_transform(cfg.input_size))
-    return torch.stack([dataset[i] for i in range(min(count, len(dataset)))])
+def picture_batch(images: ImageFiles, input_size: int, count: int = 4) -> torch.Tensor:
+    """Fixed images for the reconstruction pictures (the same every epoch), from the already
+    indexed training files."""
+    dataset = ImageFiles(images.files[:count], eval_transform(input_size))
+    return torch.stack([dataset[i] for i in range(len(dataset))])
+
+
+def start_summary(cfg: PretrainConfig, model: SparK, images: int, eff_batch: int, lr: float, schedule) -> str:
+    """The run in one line: arch, images, steps, lr schedule, what it will leave on disk."""
+    steps_per_epoch, warmup, min_lr = schedule
+    sizes = checkpoint_sizes(model)
+    kept = numbered_kept(cfg.epochs, cfg.save_every, cfg.keep_last)
+    disk = mib(run_bytes(sizes, cfg.epochs, cfg.save_every, cfg.keep_last))
+    files = f"checkpoint-last {mib(sizes.checkpoint)} + timm-last {mib(sizes.timm)}"
+    processes = eff_batch // (cfg.batch_size * cfg.accum_iter)
+    batch = f"{eff_batch}" + (
+        f" ({cfg.batch_size} x {cfg.accum_iter} accum x {processes} processes)"
+        if eff_batch != cfg.batch_size
+        else ""
+    )
+    return (
+        f"{cfg.arch} at {cfg.input_size} px, mask {cfg.mask_ratio} | {images} images x {cfg.repeat} "
+        f"repeat, batch {batch}: {steps_per_epoch} steps/epoch x {cfg.epochs} epochs = "
+        f"{steps_per_epoch * cfg.epochs} steps | lr {lr:.2e} (blr {cfg.blr:g}): warmup {warmup} steps "
+        f"from {lr * cfg.warmup_lr_ratio:.1e}, cosine to {min_lr:.1e} | disk ~{disk}: {files}"
+        + (f", {kept} numbered pair(s)" if kept else "")
+    )
 
 
 def save_pictures(
@@ -198,7 +225,7 @@ def _run(cfg: PretrainConfig, env: DistEnv, output: Path) -> int:
         (output / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if cfg.data_path is None:
         log.info("no --data_path: pretraining on the embedded photographs (preset %r)", cfg.preset)
-    loader, sampler = build_loader(cfg, env)
+    loader, sampler, image_files = build_loader(cfg, env)
     model = build_model(cfg, output / "dataflows.json" if env.is_main else None).to(env.device)
     if cfg.init_weight:
         weights = converters.from_timm(converters.load_state(cfg.init_weight), cfg.arch, **cfg.model_kwargs)
@@ -221,23 +248,12 @@ def _run(cfg: PretrainConfig, env: DistEnv, output: Path) -> int:
     optimizer = build_optimizer(model, cfg, lr)
     lr_sched = build_lr_scheduler(optimizer, cfg, lr, steps_per_epoch)
     scaler = torch.amp.GradScaler(env.device.type) if cfg.amp and cfg.amp_dtype == "fp16" else None
-    log.info(
-        "base lr: %.3e | actual lr: %.3e | effective batch: %d (%d per process x %d accum x %d processes)",
-        cfg.blr,
-        lr,
-        eff_batch,
-        cfg.batch_size,
-        cfg.accum_iter,
-        env.world_size,
-    )
-    log.info(
-        "%s, %d images (x%d per epoch), %d steps/epoch, %d epochs",
-        cfg.arch,
-        len(loader.dataset) // cfg.repeat,
-        cfg.repeat,
-        steps_per_epoch,
-        cfg.epochs,
-    )
+    warmup, why = warmup_steps(cfg, steps_per_epoch)
+    min_lr = cfg.min_lr if cfg.min_lr is not None else lr * cfg.min_lr_ratio
+    if env.is_main:
+        log.info("warmup: %d of %d steps (%s)", warmup, total_steps, why)
+        schedule = (steps_per_epoch, warmup, min_lr)
+        log.info("%s", start_summary(cfg, model, len(image_files), eff_batch, lr, schedule))
 
     # -- resume ---------------------------------------------------------------------------------
     start_epoch, step = 0, 0
@@ -262,7 +278,7 @@ def _run(cfg: PretrainConfig, env: DistEnv, output: Path) -> int:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(cfg.log_dir or str(output / "tb"))
-    pictures = picture_batch(cfg).to(env.device) if env.is_main else None
+    pictures = picture_batch(image_files, cfg.input_size).to(env.device) if env.is_main else None
     validation = Validation.from_config(cfg) if env.is_main else None
 
     # -- epochs ---------------------------------------------------------------------------------
@@ -301,7 +317,8 @@ def _run(cfg: PretrainConfig, env: DistEnv, output: Path) -> int:
             "step": step,
             "config": cfg.to_dict(),
         }
-        numbered = cfg.save_every > 0 and ((epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs)
+        # numbered copies only at multiples of --save_every: the last epoch is checkpoint-last already
+        numbered = cfg.save_every > 0 and (epoch + 1) % cfg.save_every == 0
         checkpoint.save(output, state, epoch + 1, numbered, cfg.keep_last)
         if (epoch + 1) % cfg.recon_every == 0 or epoch + 1 == cfg.epochs:
             save_pictures(model, output, epoch + 1, pictures, validation, cfg.seed)

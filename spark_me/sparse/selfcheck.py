@@ -26,4 +26,4 @@ def conv_matches_dense(kernel_size: int = 3, stride: int = 2, size: int = 32, ch
     masked = image * upsample_mask(active, size, size)
     ref = F.conv2d(masked, weight, conv.bias.detach().flatten(), stride, conv_padding(kernel_size))
     ref = ref * occupancy(out, shape)
-    return float((densify(out, shape) - ref).abs().max() / ref.abs().max())
+    return float(((densify(out, shape) - ref).abs().max() / ref.abs().max()).detach())

@@ -145,6 +145,20 @@ class SparseValue(Tensor):
     def batch(self) -> int:
         return self.sites.geometry.active.shape[0]
 
+    def cells(self) -> Tensor:
+        """The features as ``[n_cells, b*b, *C]``: the sites of each visible cell (a view when the
+        features are contiguous). Per-image operands index the n_cells rows, not the N sites: b*b
+        times less gather and scatter traffic (64x at stride 4)."""
+        return self.feats.reshape(self.sites.num_cells, self.sites.block**2, *self.feats.shape[1:])
+
+    def cell_images(self) -> Tensor:
+        """[n_cells] long: the image of each visible cell (non-decreasing: cells are in image order)."""
+        return self.sites.geometry.cells[:, 0]
+
+    def from_cells(self, cells: Tensor) -> Tensor:
+        """``[n_cells, b*b, *C]`` -> rows ``[N, *C]``."""
+        return cells.reshape(len(self.feats), *cells.shape[2:])
+
     def spatial_dims(self) -> tuple[int, int]:
         """The (H, W) dims of the logical shape."""
         return (1, 2) if self.channels_last else (self.dim() - 2, self.dim() - 1)

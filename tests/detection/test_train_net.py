@@ -54,6 +54,6 @@ def test_resnet50_smoke_train_then_eval_only(exports, tmp_path: Path) -> None:
 
 def test_convnext_smoke(exports, tmp_path: Path) -> None:
     out = tmp_path / "cnx"
-    args = ["--smoke", "--config-file", "mask_rcnn_convnext_T_FPN_1x.yaml"]
+    args = ["--smoke", "--config-file", "mask_rcnn_convnext_T_FPN_1x.yaml", "--output-dir", str(out)]
     args += ["--weights", str(exports["convnext_atto.safetensors"]), "MODEL.TIMM.ARCH", "convnext_atto"]
-    _check(run(args + ["OUTPUT_DIR", str(out)]), out)
+    _check(run(args), out)  # --output-dir, the named flag the README uses

@@ -11,7 +11,7 @@ import pytest
 
 from spark_me import cli
 from spark_me.engine import pretrain
-from spark_me.engine.config import resolve
+from spark_me.engine.config import resolve, resolved_warmup
 
 BAD = [
     (["--mask_ratio", "1.0"], "--mask_ratio 1.0"),
@@ -112,3 +112,69 @@ def test_pretrain_command_line_prints_one_line(tmp_path: Path) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert "--batch_size 0: must be >= 1" in lines[0] and result.stdout == ""
+
+
+def test_data_path_alone_is_the_spark_recipe_and_presets_are_explicit() -> None:
+    spark = resolve(["--data_path", "imgs"])
+    assert (spark.preset, spark.arch, spark.input_size, spark.blr, spark.epochs) == (
+        "spark",
+        "resnet50",
+        224,
+        2e-4,
+        1600,
+    )
+    demo = resolve(["--preset", "demo", "--data_path", "imgs"])
+    assert (demo.preset, demo.arch, demo.data_path, demo.blr) == ("demo", "resnet18", "imgs", 0.15)
+    assert resolve(["--preset", "spark"]).arch == "resnet50" and resolve([]).preset == "demo"
+
+
+@pytest.mark.parametrize(
+    ("flags", "warmup"),
+    [
+        (["--data_path", "x"], 40.0),  # SparK's own run
+        (["--data_path", "x", "--epochs", "3200"], 40.0),  # longer runs keep the recipe's warmup
+        (["--data_path", "x", "--epochs", "2"], 2 * 40 / 1600),  # 2.5 % of a 2-epoch run
+        (["--epochs", "6"], 6 * 2 / 24),  # the demo's share (2 of 24 epochs)
+        ([], 2.0),
+        (["--data_path", "x", "--epochs", "2", "--warmup_epochs", "1.5"], 1.5),  # given: kept
+    ],
+)
+def test_warmup_scales_with_short_runs(flags: list[str], warmup: float) -> None:
+    assert resolved_warmup(resolve(flags))[0] == pytest.approx(warmup)
+
+
+def test_warmup_always_leaves_an_optimiser_step_after_it() -> None:
+    from spark_me.engine.optim import warmup_steps
+
+    cfg = resolve(["--epochs", "2", "--warmup_epochs", "5"])
+    assert warmup_steps(cfg, 3)[0] == 5 and "cut" in warmup_steps(cfg, 3)[1]  # 6 steps: 5 + 1
+    assert warmup_steps(resolve(["--data_path", "x", "--epochs", "2"]), 1)[0] == 0  # 0.05 steps
+    assert warmup_steps(resolve(["--epochs", "1", "--warmup_epochs", "1"]), 1)[0] == 0  # 1 step in all
+
+
+def test_help_shows_every_default() -> None:
+    import dataclasses
+
+    from spark_me.engine.config import PretrainConfig, build_parser
+
+    options = {a.dest: a for a in build_parser()._actions}
+    flagged = [f.name for f in dataclasses.fields(PretrainConfig) if f.name in options]
+    assert len(flagged) == 36  # every field but betas, min_lr_ratio and warmup_lr_ratio has a flag
+    for name in flagged:
+        assert "(default: " in options[name].help, name
+    text = build_parser().format_help()
+    assert "(default: resnet50; demo: resnet18)" in text.replace("\n", " ").replace("  ", " ")
+
+
+@pytest.mark.parametrize(("cores", "local_world", "workers"), [(2, 1, 2), (64, 1, 8), (16, 4, 4), (1, 2, 0)])
+def test_workers_default_to_the_cores_available(
+    monkeypatch, cores: int, local_world: int, workers: int
+) -> None:
+    import os
+
+    from spark_me.engine.config import PretrainConfig
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+    assert PretrainConfig().num_workers == workers
+    assert resolve(["--data_path", "x"]).num_workers == workers and resolve([]).num_workers == 0  # demo: 0

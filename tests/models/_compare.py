@@ -9,31 +9,6 @@ from torch import Tensor, nn
 STRIDES = (4, 8, 16, 32)
 
 
-class _Stop(Exception):
-    pass
-
-
-def dense_stage_outputs(model: nn.Module, stages: list[str], images: Tensor) -> list[Tensor]:
-    """The plain timm forward's outputs of `stages` (it stops after the last, as the oracle does,
-    so BatchNorms after it update no running statistics)."""
-    got: dict[str, Tensor] = {}
-
-    def hook(name: str, output: Tensor) -> None:
-        got[name] = output
-        if name == stages[-1]:
-            raise _Stop
-
-    handles = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: hook(n, o)) for n in stages]
-    try:
-        getattr(model, "forward_features", model)(images)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    return [got[n] for n in stages]
-
-
 def rel_err(got: Tensor, want: Tensor) -> float:
     with torch.no_grad():
         return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from spark_me.masking import random_mask
-from spark_me.models.masked_dense import masked_dense_features, stage_modules_of
+from spark_me.models.masked_dense import masked_dense_features, stage_modules_of, stage_outputs
 
 from ._compare import (
     assert_buffers_close,
@@ -41,7 +41,6 @@ from ._compare import (
     assert_maps_close,
     assert_zero_at_masked,
     backward,
-    dense_stage_outputs,
     probes_for,
 )
 from ._families import FAMILIES, build
@@ -111,7 +110,7 @@ def test_family_mask_zero_equals_timm(gen, name: str) -> None:
     dense.train()
     images = torch.randn(2, 3, 96, 64, generator=gen, dtype=torch.float64)
     got = list(enc(images, torch.ones(2, 3, 2, dtype=torch.bool)))
-    want = dense_stage_outputs(dense, stage_modules_of(dense), images)
+    want = stage_outputs(dense, stage_modules_of(dense), images)
     tol = TRAIN_TOL.get(name, TOL)
     assert_maps_close(got, want, tol)
     probes = probes_for(want, gen)
@@ -165,7 +164,7 @@ def _modules_run(model: nn.Module, images: torch.Tensor) -> set[str]:
     ran: set[str] = set()
     handles = [m.register_forward_pre_hook(lambda m, i, p=p: ran.add(p)) for p, m in model.named_modules()]
     try:
-        dense_stage_outputs(model, stage_modules_of(model), images)
+        stage_outputs(model, stage_modules_of(model), images)
     finally:
         for h in handles:
             h.remove()

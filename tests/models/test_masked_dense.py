@@ -18,7 +18,13 @@ from torch import nn
 
 import spark_me
 from spark_me.masking import random_mask
-from spark_me.models.masked_dense import MaskedDenseMode, Unsupported, masked_dense_features, stage_modules_of
+from spark_me.models.masked_dense import (
+    MaskedDenseMode,
+    Unsupported,
+    masked_dense_features,
+    stage_modules_of,
+    stage_outputs,
+)
 from spark_me.models.masked_dense.axes import Axes
 
 from .._fixtures import randomize
@@ -28,7 +34,6 @@ from ._compare import (
     assert_maps_close,
     assert_zero_at_masked,
     backward,
-    dense_stage_outputs,
     probes_for,
 )
 from ._families import FAMILIES, build
@@ -50,7 +55,7 @@ def test_mask_zero_is_the_dense_model(gen, name: str) -> None:
         oracle_model.train(train).zero_grad()
         dense.train(train).zero_grad()
         got = masked_dense_features(oracle_model, stages, images, torch.ones(2, 2, 3, dtype=torch.bool))
-        want = dense_stage_outputs(dense, stages, images)
+        want = stage_outputs(dense, stages, images)
         assert_maps_close(got, want, tol, f"{name} train={train}")
         probes = probes_for(want, gen)
         backward(got, probes)

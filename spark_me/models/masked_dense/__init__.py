@@ -43,7 +43,14 @@ from torch.utils._pytree import tree_flatten
 from .axes import CHANNELS_FIRST, Axes, Unsupported
 from .rules import RULES, op_name
 
-__all__ = ["MaskedDenseMode", "Unsupported", "masked_dense_features", "stage_modules_of"]
+__all__ = [
+    "MaskedDenseMode",
+    "MaskedDenseModel",
+    "Unsupported",
+    "masked_dense_features",
+    "stage_modules_of",
+    "stage_outputs",
+]
 
 PATCH = 32
 STRIDES = (4, 8, 16, 32)
@@ -173,6 +180,50 @@ def _module_scope(model: nn.Module, mode: MaskedDenseMode) -> Iterator[None]:
             h.remove()
 
 
+def stage_outputs(model: nn.Module, stage_modules: list[str], images: Tensor) -> list[Tensor]:
+    """The outputs of `stage_modules` when `model.forward_features` (or `model`) runs on `images`,
+    taken with forward hooks; the forward stops right after the last one (so nothing after it runs,
+    nor updates statistics). On plain tensors: the dense model's stage maps."""
+    captured: dict[str, Tensor] = {}
+
+    def capture(name: str, output: object) -> None:
+        captured[name] = output
+        if name == stage_modules[-1] and len(captured) == len(stage_modules):
+            raise _StopForward
+
+    handles = [
+        model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: capture(n, o))
+        for n in stage_modules
+    ]
+    forward = getattr(model, "forward_features", model)
+    try:
+        forward(images)
+        raise RuntimeError(f"the forward ended before the stage modules {stage_modules} had all run")
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [captured[n] for n in stage_modules]
+
+
+class MaskedDenseModel(nn.Module):
+    """Any CNN run SparK's masked-dense way, with the sparse encoders' contract (the masked-dense
+    baseline of the benchmarks for the generic families): `forward(images, active)` -> 4 maps,
+    0 at masked sites; `dense(images)` -> the plain model's 4 stage maps."""
+
+    def __init__(self, model: nn.Module, stage_modules: list[str] | None = None):
+        super().__init__()
+        self.model = model
+        self.stage_modules = list(stage_modules) if stage_modules else stage_modules_of(model)
+
+    def forward(self, images: Tensor, active: Tensor) -> list[Tensor]:
+        return masked_dense_features(self.model, self.stage_modules, images, active)
+
+    def dense(self, images: Tensor) -> list[Tensor]:
+        return stage_outputs(self.model, self.stage_modules, images)
+
+
 def masked_dense_features(
     model: nn.Module, stage_modules: list[str], images: Tensor, active: Tensor
 ) -> list[Tensor]:
@@ -190,28 +241,8 @@ def masked_dense_features(
     if len(stage_modules) != len(STRIDES):
         raise ValueError(f"need {len(STRIDES)} stage modules, got {stage_modules}")
     mode = MaskedDenseMode(active.to(torch.bool))
-    captured: dict[str, Tensor] = {}
-
-    def capture(name: str, output: object) -> None:
-        captured[name] = output
-        if name == stage_modules[-1] and len(captured) == len(stage_modules):
-            raise _StopForward
-
-    handles = [
-        model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: capture(n, o))
-        for n in stage_modules
-    ]
-    forward = getattr(model, "forward_features", model)
-    try:
-        with _module_scope(model, mode), mode:
-            forward(mode.enter(images))
-        raise RuntimeError(f"the forward ended before the stage modules {stage_modules} had all run")
-    except _StopForward:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    outs = [captured[n] for n in stage_modules]
+    with _module_scope(model, mode), mode:
+        outs = stage_outputs(model, stage_modules, mode.enter(images))
     for name, out, stride in zip(stage_modules, outs, STRIDES, strict=True):
         if mode.axes(out) != CHANNELS_FIRST or tuple(out.shape[2:]) != (h // stride, w // stride):
             raise Unsupported(f"stage module {name!r} did not output a [B, C, H/{stride}, W/{stride}] map")

@@ -48,16 +48,17 @@ def group_norm(input, num_groups: int, weight=None, bias=None, eps: float = 1e-5
     if x.channels_last or x.feats.dim() != 2:
         raise x.context.unsupported("group_norm on a channels-last or multi-channel-dim map")
     n, channels = x.feats.shape
-    batch = x.sites.batch_index()
+    images = x.cell_images()  # sums per cell first, then per image: the gathers touch n_cells rows
     wide = torch.promote_types(x.feats.dtype, torch.float32)
-    g = x.feats.to(wide).view(n, num_groups, channels // num_groups)
+    cells = x.cells().to(wide)
     per = channels // num_groups
-    sites = torch.zeros(x.batch, dtype=wide, device=g.device).index_add_(0, batch, g.new_ones(n))
+    g = cells.reshape(len(images), cells.shape[1], num_groups, per)
+    sites = g.new_zeros(x.batch).index_add_(0, images, g.new_full((len(images),), float(g.shape[1])))
     count = (sites * per).clamp_min(1).view(-1, 1)
-    mean = g.new_zeros(x.batch, num_groups).index_add(0, batch, g.sum(2)) / count
-    centred = g - mean[batch].unsqueeze(2)
-    var = g.new_zeros(x.batch, num_groups).index_add(0, batch, (centred * centred).sum(2)) / count
-    out = (centred * (var[batch] + eps).rsqrt().unsqueeze(2)).view(n, channels)
+    mean = g.new_zeros(x.batch, num_groups).index_add(0, images, g.sum((1, 3))) / count
+    centred = g - mean[images][:, None, :, None]
+    var = g.new_zeros(x.batch, num_groups).index_add(0, images, (centred * centred).sum((1, 3))) / count
+    out = (centred * (var[images] + eps).rsqrt()[:, None, :, None]).reshape(n, channels)
     if weight is not None:
         out = out * weight.to(wide)
     if bias is not None:

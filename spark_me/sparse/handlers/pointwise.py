@@ -10,6 +10,7 @@ called exactly as the model called them, so their numerics (and autocast) are to
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -19,14 +20,16 @@ from torch import Tensor
 from spark_me.sparse.value import SparseValue, first_value, handles, op_name
 
 
-def as_rows(t, ref: SparseValue):
-    """`t` (a value on `ref`'s sites, a dense tensor, or a number) as rows aligned with `ref.feats`."""
+def as_cells(t, ref: SparseValue):
+    """`t` (a value on `ref`'s sites, a dense tensor, or a number) broadcastable against
+    `ref.cells()` ``[n_cells, b*b, *C]``: a per-image tensor becomes one row per cell ``[n, 1, *C]``
+    (never one per site), a shared one ``[1, 1, *C]``, a full dense map its values at the sites."""
     if isinstance(t, SparseValue):
         if t.sites.key != ref.sites.key or t.sites.geometry is not ref.sites.geometry:
             raise ref.context.unsupported("an elementwise op between maps of different sites or strides")
         if t.channels_last != ref.channels_last:
             raise ref.context.unsupported("an elementwise op between channels-first and channels-last maps")
-        return t.feats
+        return t.cells()
     if not isinstance(t, Tensor) or t.dim() == 0:
         return t
     shape = tuple(ref.shape)
@@ -40,32 +43,56 @@ def as_rows(t, ref: SparseValue):
         raise ref.context.unsupported(f"broadcasting a batch of {b} against a batch of {ref.batch}")
     if h == 1 and w == 1:
         rows = t.reshape(b, *t.shape[3:])
-        return rows if b == 1 else rows.index_select(0, ref.sites.batch_index())
+        return rows.unsqueeze(0) if b == 1 else rows.index_select(0, ref.cell_images()).unsqueeze(1)
     height, width = ref.sites.dense_hw
     full = t.expand(ref.batch, height, width, *t.shape[3:]).reshape(-1, *t.shape[3:])
-    return full.index_select(0, ref.sites.dense_index())  # a dense map: its values at the sites
+    sites = full.index_select(0, ref.sites.dense_index())  # a dense map: its values at the sites
+    return sites.reshape(ref.sites.num_cells, ref.sites.block**2, *sites.shape[1:])
+
+
+def as_rows(t, ref: SparseValue):
+    """`t` as rows ``[N, *C]`` aligned with `ref.feats` (numbers stay numbers)."""
+    cells = as_cells(t, ref)
+    if not isinstance(cells, Tensor) or cells.dim() == 0:
+        return cells
+    n, bb = ref.sites.num_cells, ref.sites.block**2
+    return ref.from_cells(cells.expand(n, bb, *cells.shape[2:]))
 
 
 def _convert(a, ref: SparseValue):
     if isinstance(a, list | tuple):
         return type(a)(_convert(b, ref) for b in a)
-    return as_rows(a, ref)
+    return as_cells(a, ref)
 
 
 def _rows_call(func: Callable, args, kwargs):
+    """`func` on the operands as cell views; its result as rows ``[N, *C]``."""
     ref = first_value(args, kwargs)
     out = func(*_convert(args, ref), **{k: _convert(v, ref) for k, v in kwargs.items()})
-    return ref, out
+    if not isinstance(out, Tensor) or out.dim() < 2 or out.shape[0] != ref.sites.num_cells:
+        raise ref.context.unsupported(f"{op_name(func)} with these operands")
+    return ref, ref.from_cells(out)
+
+
+def _inplace_position(func: Callable) -> int | None:
+    """Where `func` takes its `inplace` flag positionally (F.relu(x, True), F.dropout(x, p, t, True))."""
+    try:
+        names = list(inspect.signature(func).parameters)
+    except (TypeError, ValueError):  # builtins without a signature take no inplace flag
+        return None
+    return names.index("inplace") if "inplace" in names else None
 
 
 def elementwise(func: Callable) -> Callable:
-    """The handler of an out-of-place elementwise op (an `inplace=True` keyword is honoured)."""
+    """The handler of an elementwise op; with `inplace=True` (keyword or positional) the op is
+    computed out of place and the input value itself takes the result, so aliases of it see it."""
+    position = _inplace_position(func)
 
     def handler(*args, **kwargs):
         inplace = kwargs.pop("inplace", False)
+        if position is not None and len(args) > position:
+            inplace, args = args[position], (*args[:position], False, *args[position + 1 :])
         ref, out = _rows_call(func, args, kwargs)
-        if not isinstance(out, Tensor) or out.shape[0] != len(ref.feats):
-            raise ref.context.unsupported(f"{op_name(func)} with these operands")
         return args[0].assign(out) if inplace and isinstance(args[0], SparseValue) else ref.with_feats(out)
 
     return handler

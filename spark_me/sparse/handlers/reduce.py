@@ -25,25 +25,26 @@ def _dims(x: SparseValue, dim) -> tuple[int, ...]:
 def _per_image(x: SparseValue, kind: str, keepdim: bool) -> Tensor:
     """[B, *C] sums / means / maxima / L2 norms over each image's visible sites, shaped as torch's
     reduction of the logical map over its spatial dims."""
-    batch = x.sites.batch_index()
-    feats = x.feats
-    out_shape = (x.batch, *feats.shape[1:])
+    images = x.cell_images()  # per cell first (a reduction over b*b sites), then per image
+    cells = x.cells()
+    out_shape = (x.batch, *cells.shape[2:])
     if kind == "amax":
-        out = feats.new_full(out_shape, float("-inf")).index_reduce(0, batch, feats, "amax")
+        out = cells.new_full(out_shape, float("-inf")).index_reduce(0, images, cells.amax(1), "amax")
         out = torch.where(torch.isinf(out), torch.zeros_like(out), out)  # images without sites: 0
     else:
-        acc = torch.promote_types(feats.dtype, torch.float32)
-        values = feats.to(acc)
+        acc = torch.promote_types(cells.dtype, torch.float32)
+        values = cells.to(acc)
         if kind == "norm":
             values = values * values
-        out = values.new_zeros(out_shape).index_add(0, batch, values)
+        out = values.new_zeros(out_shape).index_add(0, images, values.sum(1))
         if kind == "mean":
-            sites = values.new_zeros(x.batch).index_add_(0, batch, values.new_ones(len(values)))
+            per_cell = values.new_full((len(images),), float(cells.shape[1]))
+            sites = values.new_zeros(x.batch).index_add_(0, images, per_cell)
             out = out / sites.clamp_min(1).view(-1, *([1] * (out.dim() - 1)))
         elif kind == "norm":  # the subgradient at 0 is 0, as torch's norm backward
             positive = out > 0
             out = torch.where(positive, out, torch.ones_like(out)).sqrt() * positive
-        out = out.to(feats.dtype)
+        out = out.to(cells.dtype)
     hdim, wdim = x.spatial_dims()
     if keepdim:
         out = out.unsqueeze(1).unsqueeze(1).movedim((1, 2), (hdim, wdim))
