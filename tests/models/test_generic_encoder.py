@@ -118,6 +118,7 @@ def _dw(x: torch.Tensor) -> torch.Tensor:
         (lambda x: x.permute(0, 1, 3, 2), "permute"),
         (lambda x: x.mean(), "mean over dims"),
         (lambda x: x[:, :, 1:], "indexing dim 2"),
+        (lambda x: F.linear(x, torch.eye(x.shape[-1])), "F.linear over the width"),
     ],
 )  # fmt: skip
 def test_an_op_without_sparse_form_is_refused_at_creation_in_one_line(op, named: str) -> None:

@@ -151,3 +151,15 @@ def expand_as(input, other):
         return input
     rows = as_rows(input, other)
     return other.with_feats(rows.expand(len(other.feats), *rows.shape[1:]))
+
+
+@handles(F.linear)
+def linear(input, weight: Tensor, bias: Tensor | None = None):
+    """`nn.Linear` on a channels-last map (ConvNeXt's MLP): per site, over its last channel dim.
+    On a channels-first map it would mix the width axis, which has no sparse form."""
+    x = input
+    if not isinstance(x, SparseValue) or isinstance(weight, SparseValue) or isinstance(bias, SparseValue):
+        raise first_value((input, weight, bias)).context.unsupported("F.linear whose weight is a sparse map")
+    if not x.channels_last:
+        raise x.context.unsupported(f"F.linear over the width of a channels-first map {tuple(x.shape)}")
+    return x.with_feats(F.linear(x.feats, weight, bias))
