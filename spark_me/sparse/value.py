@@ -121,13 +121,6 @@ class SparseValue(Tensor):
             self.context,
         )
 
-    def assign(self, feats: Tensor) -> SparseValue:
-        """In-place ops: this very object now holds `feats` (aliases of it see the change, as in torch)."""
-        if tuple(feats.shape) != tuple(self.feats.shape):
-            raise self.context.unsupported(f"an in-place op changing the shape {tuple(self.shape)}")
-        self.feats = feats.to(self.feats.dtype)
-        return self
-
     def to_sparse_tensor(self) -> ME.SparseTensor:
         """The features as an `ME.SparseTensor` [N, C] on the layout's coordinate map."""
         return ME.SparseTensor(

@@ -97,10 +97,12 @@ class Upsample(nn.Module):
         self.down2 = _conv(c, c, stride=2) if stride <= 8 else None
 
     def forward(self, x: Tensor) -> Tensor:
+        same = F.interpolate(x, size=x.shape[-2:])  # a new tensor, not `x`: changing it leaves x alone
+        same.mul_(0.5)
         if self.stride == 32:
-            return x
+            return x + same
         z = F.relu(self.down(x))
-        y = x + F.interpolate(z, scale_factor=2, mode="nearest")
+        y = same + x + F.interpolate(z, scale_factor=2, mode="nearest")
         y = y * F.interpolate(z.sigmoid(), size=x.shape[-2:])
         if self.stride <= 8:
             z2 = self.down2(z)
@@ -174,9 +176,11 @@ class Pools(nn.Module):
         self.conv = _conv(c, c)
 
     def forward(self, x: Tensor) -> Tensor:
+        one = F.avg_pool2d(x, 1)  # a new tensor, not `x`: changing it leaves x alone
+        one.mul_(0.1)
         a = F.avg_pool2d(x, 3, 1, 1)
         b = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
-        return self.conv(a) + b * 0.5 + F.avg_pool2d(x, 1) * 0.1 + F.max_pool2d(x, 3, 1, 1) * 0.3
+        return self.conv(a) + b * 0.5 + one + F.max_pool2d(x, 3, 1, 1) * 0.3
 
 
 class PoolDown(nn.Module):
@@ -264,6 +268,26 @@ class Pointwise(nn.Module):
         return x + self.drop_path(self.drop(y))
 
 
+class InPlaceViews(nn.Module):
+    """In-place ops through views, as torch has them: a slice, a channel view and a permute of a
+    map share its storage, so an in-place op on any of them changes the others."""
+
+    def __init__(self, c: int, stride: int):
+        super().__init__()
+        self.conv = _conv(c, c, bias=True)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, c))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.conv(x)
+        b, c, h, w = y.shape
+        head = y[:, : c // 2]
+        y.mul_(1.5)  # `head` is scaled too
+        y.view(b, 2, c // 2, h, w)[:, 1:].add_(0.25)  # the second half of y
+        y.permute(0, 2, 3, 1).mul_(self.scale)  # y itself, per channel
+        y[:, c // 4 :].relu_()
+        return x + y + torch.cat([head, head], 1)
+
+
 ZOOS: dict[str, Callable[[], nn.Module]] = {
     "groupnorm_shuffle": lambda: Zoo(GroupNormShuffle, _plain_down),
     "upsample": lambda: Zoo(Upsample, _plain_down),
@@ -272,6 +296,7 @@ ZOOS: dict[str, Callable[[], nn.Module]] = {
     "pools": lambda: Zoo(Pools, PoolDown),
     "convs": lambda: Zoo(Convs, _depthwise_down),
     "pointwise": lambda: Zoo(Pointwise, _plain_down),
+    "inplace_views": lambda: Zoo(InPlaceViews, _plain_down),
 }
 
 CASES = {  # name: (batch, height, width, mask ratio or "single")

@@ -59,26 +59,32 @@ def _rows_call(func: Callable, args, kwargs):
 
 
 def elementwise(func: Callable) -> Callable:
-    """The handler of an out-of-place elementwise op (an `inplace=True` keyword is honoured)."""
+    """The handler of an out-of-place elementwise op; with `inplace=True` it writes into the value's
+    features (below)."""
 
     def handler(*args, **kwargs):
-        inplace = kwargs.pop("inplace", False)
         ref, out = _rows_call(func, args, kwargs)
+        if kwargs.get("inplace") and not (isinstance(args[0], SparseValue) and out is args[0].feats):
+            raise ref.context.unsupported(f"{op_name(func)}(inplace=True) with these operands")
         if not isinstance(out, Tensor) or out.shape[0] != len(ref.feats):
             raise ref.context.unsupported(f"{op_name(func)} with these operands")
-        return args[0].assign(out) if inplace and isinstance(args[0], SparseValue) else ref.with_feats(out)
+        return args[0] if out is getattr(args[0], "feats", None) else ref.with_feats(out)
 
     return handler
 
 
 def in_place(func: Callable) -> Callable:
-    """The handler of `x.op_(...)`: computed out of place, then `x` itself holds the result."""
+    """The handler of `x.op_(...)`: torch's own in-place op on `x`'s features, so that every value
+    sharing them (a slice, a channel view, a permute of `x`, or `x` the other way round) sees the
+    change, and autograd treats it exactly as the dense in-place op."""
 
     def handler(x, *args, **kwargs):
         if not isinstance(x, SparseValue):  # a dense tensor updated with a sparse operand
             raise first_value(args, kwargs).context.unsupported(f"{op_name(func)} into a dense tensor")
         _, out = _rows_call(func, (x, *args), kwargs)
-        return x.assign(out)
+        if out is not x.feats:
+            raise x.context.unsupported(f"{op_name(func)} with these operands")
+        return x
 
     return handler
 
@@ -117,7 +123,8 @@ def _out_of_place() -> list[Callable]:
 
 
 def _in_place() -> dict[Callable, Callable]:
-    """`Tensor.add_` -> `Tensor.add`, `torch.relu_` -> `torch.relu`, `Tensor.__iadd__` -> `__add__` ..."""
+    """`Tensor.add_` -> `Tensor.add`, `torch.relu_` -> `torch.relu`, `Tensor.__iadd__` -> `__add__` ...
+    (the in-place functions are the keys; the out-of-place ones only say that they exist)."""
     pairs: dict[Callable, Callable] = {}
     for name in (*_UNARY_NAMES, *_BINARY_NAMES, "relu", "sigmoid", "hardtanh"):
         for owner in (torch, Tensor, torch.nn.functional):
@@ -137,8 +144,8 @@ def _in_place() -> dict[Callable, Callable]:
 
 for _func in _out_of_place():
     handles(_func)(elementwise(_func))
-for _func, _base in _in_place().items():
-    handles(_func)(in_place(_base))
+for _func in _in_place():
+    handles(_func)(in_place(_func))
 
 
 @handles(Tensor.expand_as)

@@ -51,6 +51,26 @@ def _check_window(x: SparseValue, what: str, k: int, s: int, p: int, ceil_mode: 
         raise x.context.unsupported(f"{what} reaching stride {x.site_stride * s} (beyond the mask cell)")
 
 
+class _Owned(torch.autograd.Function):
+    """Identity handing back a dataflow's output rows as a tensor of their own, not a view.
+
+    The block dataflow's custom Function returns its NCHW result viewed as rows [N, C]; torch forbids
+    in-place ops on a view made inside a custom Function, while a model may well do
+    ``conv(x).relu_()`` (the in-place handlers run torch's own in-place op on the rows, so that
+    every alias sees it). The rows are re-wrapped over the same memory, no copy; nothing else holds
+    the view, and the dataflow saves only its input and weight, so no saved tensor is overwritten."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor) -> Tensor:
+        return rows.new_empty(0).set_(
+            rows.untyped_storage(), rows.storage_offset(), rows.shape, rows.stride()
+        )
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad
+
+
 def run_op(x: SparseValue, op: SparseOp, weight: Tensor | None, bias: Tensor | None) -> SparseValue:
     """`op` on `x` through the dataflow the context's tuner picks (the rule table without one)."""
     sparse = x.to_sparse_tensor()
@@ -61,6 +81,8 @@ def run_op(x: SparseValue, op: SparseOp, weight: Tensor | None, bias: Tensor | N
         name = rule_for(op, sparse)
     context.dataflows.append((context.where(), repr(op), name))
     feats, _ = dataflows.run(name, op, sparse, weight, bias)
+    if feats._is_view():
+        feats = _Owned.apply(feats)
     return x.with_feats(feats, layout=x.sites.geometry.layout(x.site_stride * op.stride))
 
 
@@ -112,8 +134,8 @@ def avg_pool2d(
     s = k if stride is None or stride == [] else _pair(stride, "stride", x)
     p = _pair(padding, "padding", x)
     _check_window(x, "avg_pool2d", k, s, p, ceil_mode)
-    if k == 1 and s == 1:
-        return x
+    if k == 1 and s == 1:  # a new tensor, as torch's (an in-place op on it must not change x)
+        return x.with_feats(x.feats.clone())
     channels = x.feats.shape[1]
     op = SparseOp("avgpool", k, s, channels, channels, count_include_pad=bool(count_include_pad))
     return run_op(x, op, None, None)
@@ -142,8 +164,8 @@ def interpolate(
         raise x.context.unsupported(
             f"interpolate from stride {x.site_stride} by size={size} scale={scale_factor}"
         )
-    if factor == 1:
-        return x
+    if factor == 1:  # a new tensor, as torch's (an in-place op on it must not change x)
+        return x.with_feats(x.feats.clone())
     src = x.sites
     dst = src.geometry.layout(src.stride // factor)
     b, big = src.block, dst.block
