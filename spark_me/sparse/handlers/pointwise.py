@@ -26,6 +26,10 @@ def as_rows(t, ref: SparseValue):
             raise ref.context.unsupported("an elementwise op between maps of different sites or strides")
         if t.channels_last != ref.channels_last:
             raise ref.context.unsupported("an elementwise op between channels-first and channels-last maps")
+        if t.dim() != ref.dim():  # [B, H, W] vs [B, C, H, W]: torch would pair the batch with the channels
+            raise ref.context.unsupported(
+                f"an elementwise op between maps of different ranks {t.dim()}, {ref.dim()}"
+            )
         return t.feats
     if not isinstance(t, Tensor) or t.dim() == 0:
         return t
@@ -157,7 +161,7 @@ def expand_as(input, other):
             raise input.context.unsupported(f"expand_as from {tuple(input.shape)} to {tuple(other.shape)}")
         return input
     rows = as_rows(input, other)
-    return other.with_feats(rows.expand(len(other.feats), *rows.shape[1:]))
+    return other.with_feats(rows.expand(other.feats.shape))
 
 
 @handles(F.linear)

@@ -31,9 +31,10 @@ def _pair(v, what: str, x: SparseValue) -> int:
 
 
 def _check_window(x: SparseValue, what: str, k: int, s: int, p: int, ceil_mode: bool = False) -> None:
-    """Refuse windows that do not map the sites of stride `x.site_stride` onto whole cells of the output."""
-    if x.channels_last:
-        raise x.context.unsupported(f"{what} on a channels-last map")
+    """Refuse windows that do not map the sites of stride `x.site_stride` onto whole cells of the output,
+    and maps that are not [B, C, H, W] (torch's 2-d windows read dims 1, 2, 3 as C, H, W)."""
+    if x.channels_last or x.feats.dim() != 2:
+        raise x.context.unsupported(f"{what} on a map of shape {tuple(x.shape)} (channels-first 4-d only)")
     aligned = p == k // 2 if k % 2 else (p == 0 and k == s)
     if not aligned:
         raise x.context.unsupported(
@@ -100,7 +101,9 @@ def conv2d(input, weight: Tensor, bias=None, stride=1, padding=0, dilation=1, gr
     out_channels, in_channels = weight.shape[0], weight.shape[1] * groups
     if x.feats.dim() != 2 or x.feats.shape[1] != in_channels:
         raise x.context.unsupported(f"a conv for {in_channels} channels on a map of shape {tuple(x.shape)}")
-    if k == 1 and s == 1 and p == 0 and groups == 1:  # pointwise: a GEMM on the rows, whatever the layout
+    if x.channels_last:
+        raise x.context.unsupported(f"conv2d on a channels-last map of shape {tuple(x.shape)}")
+    if k == 1 and s == 1 and p == 0 and groups == 1:  # pointwise: a GEMM on the rows
         x.context.dataflows.append((x.context.where(), f"conv1x1 {in_channels}->{out_channels}", "pointwise"))
         return x.with_feats(F.linear(x.feats, weight.reshape(out_channels, in_channels), bias))
     _check_window(x, "conv2d", k, s, p)
@@ -148,9 +151,9 @@ def interpolate(
 ):  # fmt: skip
     """Nearest upsampling by an integer factor f: each site at stride s/f copies its parent at s."""
     x = input
-    if mode != "nearest" or x.channels_last:
+    if mode != "nearest" or x.channels_last or x.feats.dim() != 2:
         raise x.context.unsupported(
-            f"interpolate(mode={mode!r}) (nearest upsampling of channels-first maps only)"
+            f"interpolate(mode={mode!r}) of a map of shape {tuple(x.shape)} (nearest, channels-first only)"
         )
     height, width = x.sites.dense_hw
     if size is not None:

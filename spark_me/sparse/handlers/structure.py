@@ -144,6 +144,9 @@ def clone(input, *, memory_format=torch.preserve_format):
 def to(input, *args, **kwargs):
     """Casts the features; moving a map to another device is refused (its sites live on one)."""
     x = input
+    if not isinstance(x, SparseValue):  # `w.to(x)`: a dense tensor takes the map's dtype and device
+        plain = [a.feats if isinstance(a, SparseValue) else a for a in args]
+        return Tensor.to(x, *plain, **{k: getattr(v, "feats", v) for k, v in kwargs.items()})
     device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
     if device is not None and torch.device(device) != x.feats.device:
         raise x.context.unsupported(f"moving a sparse map to {device}")
@@ -152,6 +155,9 @@ def to(input, *args, **kwargs):
 
 @handles(Tensor.type_as)
 def type_as(input, other: Tensor):
+    """The map cast like `other`; or a dense tensor cast like the map `other` (it stays dense)."""
+    if not isinstance(input, SparseValue):
+        return Tensor.to(input, other.feats.dtype)
     return input.with_feats(input.feats.to(other.dtype))
 
 

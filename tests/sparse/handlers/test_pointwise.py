@@ -1,0 +1,36 @@
+"""Elementwise handlers: broadcasts, expand_as, casts led by a dense tensor, operands of other ranks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spark_me.sparse.value import SparseValue, UnsupportedOp
+
+from ._values import densify, value_and_dense
+
+
+def test_expand_as_of_a_per_image_gate_has_the_maps_shape() -> None:
+    x, dense, visible = value_and_dense()
+    gate = torch.arange(2.0, dtype=torch.float64).view(2, 1, 1, 1)
+    expanded = gate.expand_as(x)
+    assert isinstance(expanded, SparseValue) and expanded.shape == x.shape
+    torch.testing.assert_close(densify(expanded), gate.expand_as(dense) * visible, rtol=0, atol=0)
+    both = torch.cat([expanded, x], 1)
+    assert both.shape[1] == 2 * x.shape[1]
+
+
+def test_a_dense_tensor_cast_like_a_map_stays_dense() -> None:
+    x, _, _ = value_and_dense()
+    scale = torch.ones(1, 4, 1, 1, dtype=torch.float32)
+    for cast in (scale.type_as(x), scale.to(x)):
+        assert type(cast) is torch.Tensor and cast.dtype == torch.float64 and cast.shape == scale.shape
+
+
+def test_maps_of_different_ranks_are_refused() -> None:
+    x, _, _ = value_and_dense()
+    per_site = x.sum(1)  # [B, H, W]: not broadcastable site by site against [B, C, H, W]
+    with pytest.raises(UnsupportedOp, match="different ranks"):
+        per_site * x
+    with pytest.raises(UnsupportedOp, match="different ranks"):
+        x + per_site
