@@ -34,3 +34,17 @@ def test_maps_of_different_ranks_are_refused() -> None:
         per_site * x
     with pytest.raises(UnsupportedOp, match="different ranks"):
         x + per_site
+
+
+def test_a_full_dense_map_is_read_at_the_visible_sites() -> None:
+    """`x * pos + pos` with a map that varies over space ([1, C, H, W] positional, [B, 1, H, W] per
+    image, and channels-last [H, W, C]): per site, the map's value at that site, i.e. the dense op
+    kept at the visible sites. (The masked-dense oracle refuses such operands outright.)"""
+    x, dense, visible = value_and_dense()
+    gen = torch.Generator().manual_seed(5)
+    for shape in ((1, 4, 8, 12), (2, 1, 8, 12)):
+        pos = torch.randn(shape, generator=gen, dtype=torch.float64)
+        torch.testing.assert_close(densify(x * pos + pos), (dense * pos + pos) * visible, rtol=0, atol=1e-15)
+    pos = torch.randn(8, 12, 4, generator=gen, dtype=torch.float64)
+    got = densify((x.permute(0, 2, 3, 1) - pos).permute(0, 3, 1, 2))
+    torch.testing.assert_close(got, (dense - pos.permute(2, 0, 1)) * visible, rtol=0, atol=1e-15)
