@@ -123,6 +123,34 @@ def test_modules_in_lists_are_kept_when_they_run_and_dropped_when_they_do_not() 
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
 
 
+class FunctionalCNN(nn.Module):
+    """`proj` is never called: its weight and bias go to F.conv2d in the model's own forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 4, 4)
+        self.proj = nn.Conv2d(8, 8, 3, 2, 1)
+        self.s8, self.s16, self.s32 = nn.Identity(), nn.Conv2d(8, 8, 3, 2, 1), nn.Conv2d(8, 8, 3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.s8(F.conv2d(self.stem(x), self.proj.weight, self.proj.bias, 2, 1))
+        return self.s32(self.s16(x))
+
+
+def test_a_module_whose_parameters_are_used_without_calling_it_is_kept() -> None:
+    torch.manual_seed(0)
+    model = FunctionalCNN().double()
+    reference = copy.deepcopy(model)
+    stages = ["stem", "s8", "s16", "s32"]
+    encoder = spark_me.create_encoder(model, stages=stages, dataflow="rules")
+    assert encoder.dropped == [] and "proj.weight" in encoder.state_dict()
+    images = torch.randn(2, 3, 64, 96, dtype=torch.float64)
+    active = torch.tensor([[[1, 0, 1], [1, 1, 0]], [[0, 1, 1], [1, 0, 0]]], dtype=torch.bool)
+    want = masked_dense_features(reference, stages, images, active)
+    for ours, theirs in zip(encoder(images, active), want, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
 def test_spark_trains_every_parameter_of_a_generic_encoder() -> None:
     torch.manual_seed(0)
     encoder = spark_me.create_encoder(TinyCNN(), stages=STAGES, dataflow="rules")
