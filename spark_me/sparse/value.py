@@ -147,6 +147,16 @@ class SparseValue(Tensor):
         spatial = self.spatial_dims()
         return tuple(d for d in range(1, self.dim()) if d not in spatial)
 
+    def feature_dim(self, dim: int, what: str) -> int:
+        """The dim of `feats` (1..) holding the logical channel dim `dim`; any other dim is refused."""
+        dim %= self.dim()
+        channel = self.channel_dims()
+        if dim not in channel:
+            raise self.context.unsupported(
+                f"{what} along dim {dim} of a map of shape {tuple(self.shape)} (channels only)"
+            )
+        return 1 + channel.index(dim)
+
     # -- dispatch -----------------------------------------------------------------------------
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):

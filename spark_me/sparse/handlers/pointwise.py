@@ -105,7 +105,7 @@ _BINARY_NAMES = (
 )  # fmt: skip
 _ACTIVATIONS = (
     F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish,
-    F.hardsigmoid, F.hardtanh, F.softplus, F.sigmoid, F.tanh, F.prelu, F.glu, F.logsigmoid,
+    F.hardsigmoid, F.hardtanh, F.softplus, F.sigmoid, F.tanh, F.logsigmoid,
     F.tanhshrink, F.softsign, F.threshold, F.rrelu,
 )  # fmt: skip
 _OPERATORS = (
@@ -174,3 +174,21 @@ def linear(input, weight: Tensor, bias: Tensor | None = None):
     if not x.channels_last:
         raise x.context.unsupported(f"F.linear over the width of a channels-first map {tuple(x.shape)}")
     return x.with_feats(F.linear(x.feats, weight, bias))
+
+
+@handles(F.glu)
+def glu(input, dim: int = -1):
+    """Halves along a channel dim: the logical `dim` is mapped to its feature dim (on a channels-first
+    map the default dim -1 is the width, which has no sparse form)."""
+    return input.with_feats(F.glu(input.feats, input.feature_dim(dim, "glu")))
+
+
+@handles(F.prelu)
+def prelu(input, weight: Tensor):
+    """torch's PReLU weights dim 1: the channels of a channels-first map (a single weight: any map)."""
+    x = input
+    if not isinstance(x, SparseValue) or isinstance(weight, SparseValue):
+        raise first_value((input, weight)).context.unsupported("F.prelu whose weight is a sparse map")
+    if weight.numel() != 1 and (x.channels_last or x.feats.dim() != 2):
+        raise x.context.unsupported(f"F.prelu per channel of a map of shape {tuple(x.shape)} (dim 1 not C)")
+    return x.with_feats(F.prelu(x.feats, weight))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from spark_me.sparse.value import SparseValue, UnsupportedOp
 
@@ -48,3 +49,18 @@ def test_a_full_dense_map_is_read_at_the_visible_sites() -> None:
     pos = torch.randn(8, 12, 4, generator=gen, dtype=torch.float64)
     got = densify((x.permute(0, 2, 3, 1) - pos).permute(0, 3, 1, 2))
     torch.testing.assert_close(got, (dense - pos.permute(2, 0, 1)) * visible, rtol=0, atol=1e-15)
+
+
+def test_glu_and_prelu_act_along_torchs_dims() -> None:
+    """glu halves its `dim` (default -1: the width of a channels-first map, refused); prelu weights
+    dim 1 (the channels of a channels-first map only)."""
+    x, dense, visible = value_and_dense(channels=4)
+    torch.testing.assert_close(densify(F.glu(x, 1)), F.glu(dense, 1) * visible[:, :1].expand(-1, 2, -1, -1))
+    last = F.glu(x.permute(0, 2, 3, 1), dim=-1).permute(0, 3, 1, 2)
+    torch.testing.assert_close(densify(last), F.glu(dense, 1) * visible)
+    weight = torch.tensor([0.1, -0.2, 0.3, 0.4], dtype=torch.float64)
+    torch.testing.assert_close(densify(F.prelu(x, weight)), F.prelu(dense, weight))
+    with pytest.raises(UnsupportedOp, match="glu along dim 3"):
+        F.glu(x)
+    with pytest.raises(UnsupportedOp, match="prelu"):
+        F.prelu(x.permute(0, 2, 3, 1), weight)
