@@ -315,7 +315,7 @@ def _mask(batch: int, h: int, w: int, ratio, gen: torch.Generator) -> Tensor:
     return active
 
 
-def _pair(name: str) -> tuple[nn.Module, nn.Module, nn.Module]:
+def _pair(name: str, dataflow: str = "rules") -> tuple[nn.Module, nn.Module, nn.Module]:
     """(encoder, its model, an independent copy for the oracle), float64, non-trivial BN."""
     torch.manual_seed(0)
     model = ZOOS[name]().double()
@@ -325,7 +325,7 @@ def _pair(name: str) -> tuple[nn.Module, nn.Module, nn.Module]:
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.uniform_(-0.5, 0.5)
     other = copy.deepcopy(model)
-    enc = spark_me.create_encoder(model, stages=STAGES, dataflow="rules")
+    enc = spark_me.create_encoder(model, stages=STAGES, dataflow=dataflow)
     assert enc.dropped == []
     return enc, model, other
 
@@ -373,3 +373,13 @@ def test_zoo_mask_zero_equals_dense(gen, name: str) -> None:
     enc, model, other = _pair(name)
     images = torch.randn(2, 3, 96, 64, generator=gen, dtype=torch.float64)
     _compare(enc, model, other, images, torch.ones(2, 3, 2, dtype=torch.bool), True, gen, oracle=False)
+
+
+@pytest.mark.parametrize("dataflow", ["block", "dense", "gemm", "me"])
+def test_in_place_ops_on_the_output_of_every_dataflow(gen, dataflow: str) -> None:
+    """In-place ops write into a conv's output rows whichever dataflow made them (the block
+    dataflow's rows are a view made inside its autograd Function, where torch forbids in-place)."""
+    enc, model, other = _pair("inplace_views", dataflow)
+    images = torch.randn(2, 3, 64, 96, generator=gen, dtype=torch.float64)
+    active = _mask(2, 64, 96, 0.6, gen)
+    _compare(enc, model, other, images, active, True, gen, oracle=True)
