@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--dataflow", default="auto", help="auto, rules, block, dense, gemm or me")
+    p.add_argument("--dataflow", default="auto", help="auto, rules, block, dense, gemm, fused or me")
     p.add_argument("--device", default=None)
     p.add_argument("--layers", action="store_true", help="print the per-layer dataflow table")
     p.add_argument(

@@ -4,7 +4,8 @@ A documentation example that drifts from the code (a renamed flag, an undefined 
 is not where the text says) fails this test. How a block runs (see `Sandbox`):
 
 - in a fresh folder, with the inputs the block names already there: `/data/images` (10 of the
-  embedded photographs), `output/checkpoint-last.pth` (a ResNet-50 pretraining checkpoint),
+  embedded photographs), `/data/set` (a generated labelled set: train/ and val/ class folders),
+  `output/checkpoint-last.pth` (a ResNet-50 pretraining checkpoint),
   `resnet50_supervised.pth` (timm weights), `benchmarks/results/` (a copy of the committed ones);
   an input the block does not name is absent (a pretraining into `output/` starts afresh);
 - `spark-me`, `.venv/bin/spark-me`, `python`, `python3`, `.venv/bin/python` run this interpreter
@@ -40,6 +41,8 @@ from pathlib import Path
 
 import pytest
 
+from ._labelled import make_labelled_set
+
 ROOT = Path(__file__).resolve().parents[1]
 SKIP = re.compile(r"#\s*doc-test:\s*skip\b\s*(?:\((?P<reason>[^)]*)\))?")
 # a fenced block, also indented under a list item: ```lang ... ``` with the same indent
@@ -56,12 +59,14 @@ SHRINK: dict[str, list[str]] = {
         "--num_workers 0 --repeat 1 --val_every 0 --recon_every 1",
         "spark-me bench": "--sizes 64 --steps 1 --warmup 0 --batch_size 1 --decoder_width 32",
         "spark-me reconstruct": "--input_size 64",
+        "spark-me finetune": "--epochs 1 --input_size 32 --batch_size 16 --num_workers 0",
+        "spark-me probe": "--epochs 1 --input_size 32 --batch_size 16 --num_workers 0",
         "python -m benchmarks.encoder": "--size 64 --batch_size 1 --repeats 1",
         "python -m benchmarks.profile": "--size 64 --batch_size 1 --repeat 1",
     }.items()
 }
 # paths that stand for the reader's own files -> where the sandbox has them
-PLACEHOLDERS = {"/data/images": "data-images"}
+PLACEHOLDERS = {"/data/images": "data-images", "/data/set": "data-set"}
 
 
 @dataclass(frozen=True)
@@ -197,8 +202,10 @@ def doc_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
     converters.save_state(state, made / "checkpoint-last.pth")
     torch.save(timm.create_model("resnet50").state_dict(), made / "resnet50_supervised.pth")
+    labelled = make_labelled_set(made / "set", train_per_class=8, val_per_class=4)
     return {
         "data-images": images,
+        "data-set": labelled,
         "output/checkpoint-last.pth": made / "checkpoint-last.pth",
         "resnet50_supervised.pth": made / "resnet50_supervised.pth",
         "benchmarks/results": ROOT / "benchmarks" / "results",

@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--dataflow",
-        choices=("auto", "rules", "block", "dense", "gemm", "me"),
+        choices=("auto", "rules", "block", "dense", "gemm", "fused", "me"),
         help="how sparse convs are computed: auto measures each layer's fastest dataflow at its first "
         "use (cached in output_dir/dataflows.json); 'me' is MinkowskiEngine's own (float32) function",
     )

@@ -47,7 +47,7 @@ class SparseEncoder(nn.Module):
         self, mode: str | DataflowTuner = "auto", cache_file: str | None = None
     ) -> DataflowTuner:
         """Give every sparse op one tuner: "auto" (measure at first use), "rules", or a dataflow name
-        ("block", "dense", "gemm", "me") forced everywhere; or an existing tuner to share."""
+        ("block", "dense", "gemm", "fused", "me") forced everywhere; or an existing tuner to share."""
         tuner = mode if isinstance(mode, DataflowTuner) else DataflowTuner(mode, cache_file)
         for module in self.modules():
             if isinstance(module, _TunedOp):

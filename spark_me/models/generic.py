@@ -189,18 +189,19 @@ class GenericSparseEncoder(SparseEncoder):
         saved = {k: v.clone() for k, v in self.model.state_dict().items()}
         was_training = self.model.training
         try:
-            with torch.no_grad():
-                for mode in (False, True):
-                    self.model.train(mode)
-                    context = ExecutionContext(model=self.arch)
-                    x = sparsify(images, active)
+            for mode in (False, True):  # train mode last, with a graph: which parameters it uses
+                self.model.train(mode)
+                context = ExecutionContext(model=self.arch)
+                x = sparsify(images, active)
+                with torch.set_grad_enabled(mode):
                     outputs = self._run(SparseValue(x.F, layout_of(x), False, context), context)
+            used = _parameters_reached(outputs)
         finally:
             for h in handles:
                 h.remove()
             self.model.train(was_training)
             self.model.load_state_dict(saved)
-        self.dropped = _prune(self.model, ran)
+        self.dropped = _prune(self.model, ran, used)
         if self.dropped:
             log.debug("%s: modules after the last stage removed: %s", self.arch, ", ".join(self.dropped))
         return tuple(int(o.feats.shape[1]) for o in outputs)  # type: ignore[return-value]
@@ -213,8 +214,27 @@ def _input_channels(model: nn.Module) -> int:
     return 3
 
 
-def _prune(model: nn.Module, ran: set[str]) -> list[str]:
-    """Replace the modules (with state) of which no part ran by `nn.Identity`; their names.
+def _parameters_reached(outputs: list[SparseValue]) -> set[int]:
+    """ids of the parameters in the autograd graph of `outputs`: those the forward used, including
+    through another module's code (``F.conv2d(x, self.proj.weight)`` never calls `proj`)."""
+    stack = [o.feats.grad_fn for o in outputs]
+    seen: set[int] = set()
+    reached: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf, i.e. a parameter
+        if variable is not None:
+            reached.add(id(variable))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return reached
+
+
+def _prune(model: nn.Module, ran: set[str], used: set[int]) -> list[str]:
+    """Replace the modules (with state) of which no part ran and no parameter was used by
+    `nn.Identity`; their names.
 
     Containers count as run when a descendant ran (a ModuleList is iterated, never called)."""
     reached = {p.rsplit(".", i)[0] for p in ran for i in range(p.count(".") + 1)}
@@ -223,6 +243,8 @@ def _prune(model: nn.Module, ran: set[str]) -> list[str]:
         if not path or path in reached or any(path.startswith(d + ".") for d in dropped):
             continue
         if next(module.parameters(), None) is None and next(module.buffers(), None) is None:
+            continue
+        if any(id(p) in used for p in module.parameters()):
             continue
         parent_path, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model

@@ -15,6 +15,11 @@ output stride, so dataflows can be mixed freely from layer to layer.
   where a halo would cost 4-9x.
 - ``gemm``: one gather of all k*k neighbours of every output site (the kernel map, read from the
   same halo index) and one GEMM; exact work, gather traffic k*k*C per site.
+- ``fused`` (depthwise only): every output site sums its k*k visible neighbours times the
+  per-channel weights straight from the `[N, C]` features through the window index, without
+  materialising `[N, k*k, C]` (C++ kernels, depthwise.py); backward-data through the flipped or
+  inverted window table (a gather), backward-weight a per-channel reduction. Exact work, like
+  ``gemm``, without its gather traffic; offered where the C++ kernels build.
 - ``me``: MinkowskiEngine's own function, the reference; float32/float64 only, so it runs in
   float32 under autocast. Its strided outputs come back in hash order and are put in canonical order.
 
@@ -31,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from spark_me.sparse import depthwise
 from spark_me.sparse.geometry import BlockLayout, geometry_of
 from spark_me.sparse.me_dataflow import me
 from spark_me.sparse.ops import SparseOp, compute_dtype
@@ -85,7 +91,8 @@ class _Flow:
 
 class _ConvKernel(_Flow):
     """The dense kernel is `F.conv2d` (or `F.max_pool2d`) over NCHW maps; a conv's backward is aten's
-    convolution_backward (max-pool, weightless, runs on plain autograd)."""
+    convolution_backward, a depthwise conv's `depthwise.maps_backward` (aten's CPU depthwise weight
+    gradient costs ~10x its forward); max-pool, weightless, runs on plain autograd."""
 
     padding = 0
 
@@ -100,6 +107,8 @@ class _ConvKernel(_Flow):
         return F.conv2d(g, weight, bias, op.stride, self.padding, 1, op.groups)
 
     def kernel_maps_backward(self, grad: Tensor, g: Tensor, weight: Tensor, needs) -> tuple:
+        if self.op.kind == "depthwise":
+            return depthwise.maps_backward(grad, g, weight, self.op.stride, self.padding, needs)
         return torch.ops.aten.convolution_backward(
             grad, g, weight, [weight.shape[0]] if needs[2] else None, [self.op.stride] * 2,
             [self.padding] * 2, [1, 1], False, [0, 0], self.op.groups, list(needs),
@@ -231,13 +240,26 @@ def gemm(op: SparseOp, x: ME.SparseTensor, src: BlockLayout, dst: BlockLayout, w
     return _run_flow(_Gemm, op, x, src, dst, weight, bias)
 
 
+def fused(op: SparseOp, x: ME.SparseTensor, src: BlockLayout, dst: BlockLayout, weight, bias) -> Tensor:
+    if op.kind != "depthwise":
+        raise ValueError(f"no fused dataflow for {op!r}")
+    dtype = compute_dtype(x.F, op)
+    bias = bias.to(dtype) if bias is not None else None
+    windows = src.window_index(op.halo, op.kernel_size, op.stride)
+    symmetric = op.stride == 1 and op.kernel_size % 2 == 1
+    return depthwise.FusedDepthwise.apply(
+        x.F.to(dtype).contiguous(), weight.to(dtype), bias, windows, symmetric
+    )
+
+
 Dataflow = Callable[..., Tensor]
-DATAFLOWS: dict[str, Dataflow] = {"block": block, "dense": dense, "gemm": gemm, "me": me}
+DATAFLOWS: dict[str, Dataflow] = {"block": block, "dense": dense, "gemm": gemm, "fused": fused, "me": me}
 
 
 def candidates(op: SparseOp) -> list[str]:
     """The plain-torch dataflows that can compute `op` (what the tuner measures; ``me``, the slow
-    reference, runs only when forced).
+    reference, runs only when forced). ``fused`` is offered for depthwise convs where its C++ kernels
+    build (elsewhere it still runs when forced, on its plain torch definition).
 
     An average pool that leaves padding out of its divisor runs ``dense`` only: a block's halo
     cannot tell out-of-image padding (not counted) from masked neighbours (counted, as zeros).
@@ -246,6 +268,8 @@ def candidates(op: SparseOp) -> list[str]:
         return ["block", "dense", "gemm"]
     if op.kind == "avgpool" and op.halo and not op.count_include_pad:
         return ["dense"]
+    if op.kind == "depthwise" and depthwise.native_available():
+        return ["block", "dense", "fused"]
     return ["block", "dense"]
 
 

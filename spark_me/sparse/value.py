@@ -121,13 +121,6 @@ class SparseValue(Tensor):
             self.context,
         )
 
-    def assign(self, feats: Tensor) -> SparseValue:
-        """In-place ops: this very object now holds `feats` (aliases of it see the change, as in torch)."""
-        if tuple(feats.shape) != tuple(self.feats.shape):
-            raise self.context.unsupported(f"an in-place op changing the shape {tuple(self.shape)}")
-        self.feats = feats.to(self.feats.dtype)
-        return self
-
     def to_sparse_tensor(self) -> ME.SparseTensor:
         """The features as an `ME.SparseTensor` [N, C] on the layout's coordinate map."""
         return ME.SparseTensor(
@@ -146,10 +139,11 @@ class SparseValue(Tensor):
         return self.sites.geometry.active.shape[0]
 
     def cells(self) -> Tensor:
-        """The features as ``[n_cells, b*b, *C]``: the sites of each visible cell (a view when the
-        features are contiguous). Per-image operands index the n_cells rows, not the N sites: b*b
-        times less gather and scatter traffic (64x at stride 4)."""
-        return self.feats.reshape(self.sites.num_cells, self.sites.block**2, *self.feats.shape[1:])
+        """The features as ``[n_cells, b*b, *C]``: the sites of each visible cell (a view).
+        Per-image operands index the n_cells rows, not the N sites: b*b times less gather and
+        scatter traffic (64x at stride 4)."""
+        # splitting dim 0 is always a view, whatever the strides: in-place ops on it reach `feats`
+        return self.feats.view(self.sites.num_cells, self.sites.block**2, *self.feats.shape[1:])
 
     def cell_images(self) -> Tensor:
         """[n_cells] long: the image of each visible cell (non-decreasing: cells are in image order)."""
@@ -167,6 +161,16 @@ class SparseValue(Tensor):
         """The channel dims of the logical shape (one, or several after a channel `view`)."""
         spatial = self.spatial_dims()
         return tuple(d for d in range(1, self.dim()) if d not in spatial)
+
+    def feature_dim(self, dim: int, what: str) -> int:
+        """The dim of `feats` (1..) holding the logical channel dim `dim`; any other dim is refused."""
+        dim %= self.dim()
+        channel = self.channel_dims()
+        if dim not in channel:
+            raise self.context.unsupported(
+                f"{what} along dim {dim} of a map of shape {tuple(self.shape)} (channels only)"
+            )
+        return 1 + channel.index(dim)
 
     # -- dispatch -----------------------------------------------------------------------------
     @classmethod

@@ -7,6 +7,7 @@ test_generic.py.)
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ from torch import nn
 
 import spark_me
 from spark_me import cli
+from spark_me.models.masked_dense import masked_dense_features
 from spark_me.sparse.sync_batchnorm import convert_sync_batchnorm
 from spark_me.sparse.value import UnsupportedOp
 
@@ -79,6 +81,76 @@ def test_own_module_is_run_shared_and_pruned() -> None:
         assert bool((m.permute(1, 0, 2, 3)[:, ~visible] == 0).all())  # nothing at masked sites
 
 
+class ListCNN(nn.Module):
+    """Stages in a ModuleList (iterated, never called), a block after the last stage, heads in a
+    ModuleList that never run: only the last two are removed."""
+
+    def __init__(self):
+        super().__init__()
+        widths = (8, 16, 32, 64)
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, 2, 1))
+        self.stages = nn.ModuleList(
+            [nn.Conv2d(a, b, 3, 2, 1) for a, b in zip(widths[:-1], widths[1:], strict=True)]
+            + [nn.Conv2d(64, 64, 3, 1, 1)]
+        )
+        self.heads = nn.ModuleList([nn.Linear(64, 10), nn.Linear(64, 2)])
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.stem(x)
+        for stage in self.stages:
+            x = F.relu(stage(x))
+        return [head(x.mean((2, 3))) for head in self.heads]
+
+
+def test_modules_in_lists_are_kept_when_they_run_and_dropped_when_they_do_not() -> None:
+    torch.manual_seed(0)
+    model = ListCNN().double()
+    reference = copy.deepcopy(model)
+    stages = ["stem", "stages.0", "stages.1", "stages.2"]
+    encoder = spark_me.create_encoder(model, stages=stages, dataflow="rules")
+    assert encoder.dropped == ["stages.3", "heads"]
+    assert {k.rpartition(".")[0] for k in encoder.state_dict()} == {
+        "stem.0",
+        "stem.2",
+        "stages.0",
+        "stages.1",
+        "stages.2",
+    }
+    images = torch.randn(2, 3, 64, 96, dtype=torch.float64)
+    active = torch.tensor([[[1, 0, 1], [1, 1, 0]], [[0, 1, 1], [1, 0, 0]]], dtype=torch.bool)
+    want = masked_dense_features(reference, stages, images, active)
+    for ours, theirs in zip(encoder(images, active), want, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+class FunctionalCNN(nn.Module):
+    """`proj` is never called: its weight and bias go to F.conv2d in the model's own forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 4, 4)
+        self.proj = nn.Conv2d(8, 8, 3, 2, 1)
+        self.s8, self.s16, self.s32 = nn.Identity(), nn.Conv2d(8, 8, 3, 2, 1), nn.Conv2d(8, 8, 3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.s8(F.conv2d(self.stem(x), self.proj.weight, self.proj.bias, 2, 1))
+        return self.s32(self.s16(x))
+
+
+def test_a_module_whose_parameters_are_used_without_calling_it_is_kept() -> None:
+    torch.manual_seed(0)
+    model = FunctionalCNN().double()
+    reference = copy.deepcopy(model)
+    stages = ["stem", "s8", "s16", "s32"]
+    encoder = spark_me.create_encoder(model, stages=stages, dataflow="rules")
+    assert encoder.dropped == [] and "proj.weight" in encoder.state_dict()
+    images = torch.randn(2, 3, 64, 96, dtype=torch.float64)
+    active = torch.tensor([[[1, 0, 1], [1, 1, 0]], [[0, 1, 1], [1, 0, 0]]], dtype=torch.bool)
+    want = masked_dense_features(reference, stages, images, active)
+    for ours, theirs in zip(encoder(images, active), want, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
 def test_spark_trains_every_parameter_of_a_generic_encoder() -> None:
     torch.manual_seed(0)
     encoder = spark_me.create_encoder(TinyCNN(), stages=STAGES, dataflow="rules")
@@ -118,6 +190,8 @@ def _dw(x: torch.Tensor) -> torch.Tensor:
         (lambda x: x.permute(0, 1, 3, 2), "permute"),
         (lambda x: x.mean(), "mean over dims"),
         (lambda x: x[:, :, 1:], "indexing dim 2"),
+        (lambda x: F.linear(x, torch.eye(x.shape[-1])), "F.linear over the width"),
+        (lambda x: F.layer_norm(x[:, : x.shape[-1]], x.shape[-1:]), "layer_norm"),  # over W, with W == C
     ],
 )  # fmt: skip
 def test_an_op_without_sparse_form_is_refused_at_creation_in_one_line(op, named: str) -> None:

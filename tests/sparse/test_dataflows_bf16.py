@@ -8,17 +8,21 @@ on a dense map alone). Measured here, relative to the largest value of each tens
 0-1.26u, gradients 0.43u-2.02u (the average pools' input gradients); the bound is 2.5u = 9.8e-3.
 A kernel that ran in float32 would be *more* accurate, which no tolerance can catch: a dispatch
 record of the dtypes reaching the convolution / GEMM / pooling kernels, forward and backward, does.
+The C++ depthwise kernels (depthwise.py; ``fused``, and the block / dense weight gradient) are no
+aten ops: the record takes the dtypes of the tensors handed to them instead.
 """
 
 from __future__ import annotations
 
 import copy
+from unittest import mock
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from spark_me.sparse import depthwise
 from spark_me.sparse.dataflows import candidates
 from spark_me.sparse.tensor import densify, sparsify
 from spark_me.sparse.tuner import DataflowTuner
@@ -42,11 +46,28 @@ KERNELS = {
 
 
 class KernelDtypes(TorchDispatchMode):
-    """Records (kernel, dtypes of its floating-point tensor arguments) for every kernel in KERNELS."""
+    """Records (kernel, dtypes of its floating-point tensor arguments) for every kernel in KERNELS
+    and every C++ depthwise kernel."""
 
     def __init__(self):
         super().__init__()
         self.calls: list[tuple[str, set[torch.dtype]]] = []
+        self._native = mock.patch.object(depthwise, "_kernel", self._record_native(depthwise._kernel))
+
+    def _record_native(self, kernel):
+        def record(name: str, *tensors: torch.Tensor):
+            self.calls.append((name, {t.dtype for t in tensors if t.is_floating_point()}))
+            return kernel(name, *tensors)
+
+        return record
+
+    def __enter__(self):
+        self._native.start()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self._native.stop()
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__

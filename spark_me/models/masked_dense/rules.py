@@ -355,7 +355,7 @@ _POINTWISE = (
     "add sub subtract mul multiply div divide true_divide rsub neg negative abs positive relu relu6 "
     "sigmoid tanh silu gelu mish hardswish hardsigmoid hardtanh leaky_relu elu selu celu softplus softsign "
     "logsigmoid exp expm1 log log1p sqrt rsqrt square pow reciprocal clamp clip clamp_min clamp_max "
-    "minimum maximum where addcmul addcdiv lerp sign erf threshold "
+    "minimum maximum where addcmul addcdiv lerp sign erf threshold gt lt ge le eq ne "
     "dropout dropout2d alpha_dropout feature_alpha_dropout"
 )
 _DUNDERS = (

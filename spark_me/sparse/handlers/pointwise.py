@@ -10,7 +10,6 @@ called exactly as the model called them, so their numerics (and autocast) are to
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 
 import torch
@@ -29,6 +28,10 @@ def as_cells(t, ref: SparseValue):
             raise ref.context.unsupported("an elementwise op between maps of different sites or strides")
         if t.channels_last != ref.channels_last:
             raise ref.context.unsupported("an elementwise op between channels-first and channels-last maps")
+        if t.dim() != ref.dim():  # [B, H, W] vs [B, C, H, W]: torch would pair the batch with the channels
+            raise ref.context.unsupported(
+                f"an elementwise op between maps of different ranks {t.dim()}, {ref.dim()}"
+            )
         return t.cells()
     if not isinstance(t, Tensor) or t.dim() == 0:
         return t
@@ -65,47 +68,45 @@ def _convert(a, ref: SparseValue):
     return as_cells(a, ref)
 
 
-def _rows_call(func: Callable, args, kwargs):
-    """`func` on the operands as cell views; its result as rows ``[N, *C]``."""
+def _cells_call(func: Callable, args, kwargs):
+    """`func` on the operands as cell views: (the reference value, its first operand as passed, the
+    result ``[n_cells, b*b or 1, *C]``)."""
     ref = first_value(args, kwargs)
-    out = func(*_convert(args, ref), **{k: _convert(v, ref) for k, v in kwargs.items()})
+    converted = _convert(args, ref)
+    out = func(*converted, **{k: _convert(v, ref) for k, v in kwargs.items()})
     if not isinstance(out, Tensor) or out.dim() < 2 or out.shape[0] != ref.sites.num_cells:
         raise ref.context.unsupported(f"{op_name(func)} with these operands")
-    return ref, ref.from_cells(out)
-
-
-def _inplace_position(func: Callable) -> int | None:
-    """Where `func` takes its `inplace` flag positionally (F.relu(x, True), F.dropout(x, p, t, True))."""
-    try:
-        names = list(inspect.signature(func).parameters)
-    except (TypeError, ValueError):  # builtins without a signature take no inplace flag
-        return None
-    return names.index("inplace") if "inplace" in names else None
+    return ref, converted[0] if converted else None, out
 
 
 def elementwise(func: Callable) -> Callable:
-    """The handler of an elementwise op; with `inplace=True` (keyword or positional) the op is
-    computed out of place and the input value itself takes the result, so aliases of it see it."""
-    position = _inplace_position(func)
+    """The handler of an elementwise op. One that writes into its first operand (`inplace=True`,
+    by keyword or position) writes through the cell view into the value's own features, so every
+    value sharing them (a slice, a channel view, a permute) sees the change, as in torch."""
 
     def handler(*args, **kwargs):
-        inplace = kwargs.pop("inplace", False)
-        if position is not None and len(args) > position:
-            inplace, args = args[position], (*args[:position], False, *args[position + 1 :])
-        ref, out = _rows_call(func, args, kwargs)
-        return args[0].assign(out) if inplace and isinstance(args[0], SparseValue) else ref.with_feats(out)
+        ref, first, out = _cells_call(func, args, kwargs)
+        if out is first and isinstance(args[0], SparseValue):
+            return args[0]
+        if kwargs.get("inplace"):
+            raise ref.context.unsupported(f"{op_name(func)}(inplace=True) with these operands")
+        return ref.with_feats(ref.from_cells(out))
 
     return handler
 
 
 def in_place(func: Callable) -> Callable:
-    """The handler of `x.op_(...)`: computed out of place, then `x` itself holds the result."""
+    """The handler of `x.op_(...)`: torch's own in-place op on `x`'s features, so that every value
+    sharing them (a slice, a channel view, a permute of `x`, or `x` the other way round) sees the
+    change, and autograd treats it exactly as the dense in-place op."""
 
     def handler(x, *args, **kwargs):
         if not isinstance(x, SparseValue):  # a dense tensor updated with a sparse operand
             raise first_value(args, kwargs).context.unsupported(f"{op_name(func)} into a dense tensor")
-        _, out = _rows_call(func, (x, *args), kwargs)
-        return x.assign(out)
+        _, first, out = _cells_call(func, (x, *args), kwargs)
+        if out is not first:  # an in-place op returns the (view of the) tensor it wrote into
+            raise x.context.unsupported(f"{op_name(func)} with these operands")
+        return x
 
     return handler
 
@@ -122,7 +123,7 @@ _BINARY_NAMES = (
 )  # fmt: skip
 _ACTIVATIONS = (
     F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish,
-    F.hardsigmoid, F.hardtanh, F.softplus, F.sigmoid, F.tanh, F.prelu, F.glu, F.logsigmoid,
+    F.hardsigmoid, F.hardtanh, F.softplus, F.sigmoid, F.tanh, F.logsigmoid,
     F.tanhshrink, F.softsign, F.threshold, F.rrelu,
 )  # fmt: skip
 _OPERATORS = (
@@ -144,7 +145,8 @@ def _out_of_place() -> list[Callable]:
 
 
 def _in_place() -> dict[Callable, Callable]:
-    """`Tensor.add_` -> `Tensor.add`, `torch.relu_` -> `torch.relu`, `Tensor.__iadd__` -> `__add__` ..."""
+    """`Tensor.add_` -> `Tensor.add`, `torch.relu_` -> `torch.relu`, `Tensor.__iadd__` -> `__add__` ...
+    (the in-place functions are the keys; the out-of-place ones only say that they exist)."""
     pairs: dict[Callable, Callable] = {}
     for name in (*_UNARY_NAMES, *_BINARY_NAMES, "relu", "sigmoid", "hardtanh"):
         for owner in (torch, Tensor, torch.nn.functional):
@@ -164,8 +166,8 @@ def _in_place() -> dict[Callable, Callable]:
 
 for _func in _out_of_place():
     handles(_func)(elementwise(_func))
-for _func, _base in _in_place().items():
-    handles(_func)(in_place(_base))
+for _func in _in_place():
+    handles(_func)(in_place(_func))
 
 
 @handles(Tensor.expand_as)
@@ -177,4 +179,34 @@ def expand_as(input, other):
             raise input.context.unsupported(f"expand_as from {tuple(input.shape)} to {tuple(other.shape)}")
         return input
     rows = as_rows(input, other)
-    return other.with_feats(rows.expand(len(other.feats), *rows.shape[1:]))
+    return other.with_feats(rows.expand(other.feats.shape))
+
+
+@handles(F.linear)
+def linear(input, weight: Tensor, bias: Tensor | None = None):
+    """`nn.Linear` on a channels-last map (ConvNeXt's MLP): per site, over its last channel dim.
+    On a channels-first map it would mix the width axis, which has no sparse form."""
+    x = input
+    if not isinstance(x, SparseValue) or isinstance(weight, SparseValue) or isinstance(bias, SparseValue):
+        raise first_value((input, weight, bias)).context.unsupported("F.linear whose weight is a sparse map")
+    if not x.channels_last:
+        raise x.context.unsupported(f"F.linear over the width of a channels-first map {tuple(x.shape)}")
+    return x.with_feats(F.linear(x.feats, weight, bias))
+
+
+@handles(F.glu)
+def glu(input, dim: int = -1):
+    """Halves along a channel dim: the logical `dim` is mapped to its feature dim (on a channels-first
+    map the default dim -1 is the width, which has no sparse form)."""
+    return input.with_feats(F.glu(input.feats, input.feature_dim(dim, "glu")))
+
+
+@handles(F.prelu)
+def prelu(input, weight: Tensor):
+    """torch's PReLU weights dim 1: the channels of a channels-first map (a single weight: any map)."""
+    x = input
+    if not isinstance(x, SparseValue) or isinstance(weight, SparseValue):
+        raise first_value((input, weight)).context.unsupported("F.prelu whose weight is a sparse map")
+    if weight.numel() != 1 and (x.channels_last or x.feats.dim() != 2):
+        raise x.context.unsupported(f"F.prelu per channel of a map of shape {tuple(x.shape)} (dim 1 not C)")
+    return x.with_feats(F.prelu(x.feats, weight))

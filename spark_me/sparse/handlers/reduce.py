@@ -57,6 +57,8 @@ def _reduce(kind: str, torch_name: str):
         if args or {k: v for k, v in kwargs.items() if v is not None and k not in ("dtype",)}:
             raise x.context.unsupported(f"{torch_name} with extra arguments {args} {kwargs}")
         dims = _dims(x, dim)
+        if kwargs.get("dtype") is not None:  # torch casts the input first, then reduces
+            x = x.with_feats(x.feats.to(kwargs["dtype"]))
         if dims == tuple(sorted(x.spatial_dims())):
             return _per_image(x, kind, keepdim)
         channel = tuple(d for d in x.channel_dims())

@@ -31,9 +31,10 @@ def _pair(v, what: str, x: SparseValue) -> int:
 
 
 def _check_window(x: SparseValue, what: str, k: int, s: int, p: int, ceil_mode: bool = False) -> None:
-    """Refuse windows that do not map the sites of stride `x.site_stride` onto whole cells of the output."""
-    if x.channels_last:
-        raise x.context.unsupported(f"{what} on a channels-last map")
+    """Refuse windows that do not map the sites of stride `x.site_stride` onto whole cells of the output,
+    and maps that are not [B, C, H, W] (torch's 2-d windows read dims 1, 2, 3 as C, H, W)."""
+    if x.channels_last or x.feats.dim() != 2:
+        raise x.context.unsupported(f"{what} on a map of shape {tuple(x.shape)} (channels-first 4-d only)")
     aligned = p == k // 2 if k % 2 else (p == 0 and k == s)
     if not aligned:
         raise x.context.unsupported(
@@ -51,6 +52,26 @@ def _check_window(x: SparseValue, what: str, k: int, s: int, p: int, ceil_mode: 
         raise x.context.unsupported(f"{what} reaching stride {x.site_stride * s} (beyond the mask cell)")
 
 
+class _Owned(torch.autograd.Function):
+    """Identity handing back a dataflow's output rows as a tensor of their own, not a view.
+
+    The block dataflow's custom Function returns its NCHW result viewed as rows [N, C]; torch forbids
+    in-place ops on a view made inside a custom Function, while a model may well do
+    ``conv(x).relu_()`` (the in-place handlers run torch's own in-place op on the rows, so that
+    every alias sees it). The rows are re-wrapped over the same memory, no copy; nothing else holds
+    the view, and the dataflow saves only its input and weight, so no saved tensor is overwritten."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor) -> Tensor:
+        return rows.new_empty(0).set_(
+            rows.untyped_storage(), rows.storage_offset(), rows.shape, rows.stride()
+        )
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad
+
+
 def run_op(x: SparseValue, op: SparseOp, weight: Tensor | None, bias: Tensor | None) -> SparseValue:
     """`op` on `x` through the dataflow the context's tuner picks (the rule table without one)."""
     sparse = x.to_sparse_tensor()
@@ -61,6 +82,8 @@ def run_op(x: SparseValue, op: SparseOp, weight: Tensor | None, bias: Tensor | N
         name = rule_for(op, sparse)
     context.dataflows.append((context.where(), repr(op), name))
     feats, _ = dataflows.run(name, op, sparse, weight, bias)
+    if feats._is_view():
+        feats = _Owned.apply(feats)
     return x.with_feats(feats, layout=x.sites.geometry.layout(x.site_stride * op.stride))
 
 
@@ -78,7 +101,9 @@ def conv2d(input, weight: Tensor, bias=None, stride=1, padding=0, dilation=1, gr
     out_channels, in_channels = weight.shape[0], weight.shape[1] * groups
     if x.feats.dim() != 2 or x.feats.shape[1] != in_channels:
         raise x.context.unsupported(f"a conv for {in_channels} channels on a map of shape {tuple(x.shape)}")
-    if k == 1 and s == 1 and p == 0 and groups == 1:  # pointwise: a GEMM on the rows, whatever the layout
+    if x.channels_last:
+        raise x.context.unsupported(f"conv2d on a channels-last map of shape {tuple(x.shape)}")
+    if k == 1 and s == 1 and p == 0 and groups == 1:  # pointwise: a GEMM on the rows
         x.context.dataflows.append((x.context.where(), f"conv1x1 {in_channels}->{out_channels}", "pointwise"))
         return x.with_feats(F.linear(x.feats, weight.reshape(out_channels, in_channels), bias))
     _check_window(x, "conv2d", k, s, p)
@@ -112,8 +137,8 @@ def avg_pool2d(
     s = k if stride is None or stride == [] else _pair(stride, "stride", x)
     p = _pair(padding, "padding", x)
     _check_window(x, "avg_pool2d", k, s, p, ceil_mode)
-    if k == 1 and s == 1:
-        return x
+    if k == 1 and s == 1:  # a new tensor, as torch's (an in-place op on it must not change x)
+        return x.with_feats(x.feats.clone())
     channels = x.feats.shape[1]
     op = SparseOp("avgpool", k, s, channels, channels, count_include_pad=bool(count_include_pad))
     return run_op(x, op, None, None)
@@ -126,9 +151,9 @@ def interpolate(
 ):  # fmt: skip
     """Nearest upsampling by an integer factor f: each site at stride s/f copies its parent at s."""
     x = input
-    if mode != "nearest" or x.channels_last:
+    if mode != "nearest" or x.channels_last or x.feats.dim() != 2:
         raise x.context.unsupported(
-            f"interpolate(mode={mode!r}) (nearest upsampling of channels-first maps only)"
+            f"interpolate(mode={mode!r}) of a map of shape {tuple(x.shape)} (nearest, channels-first only)"
         )
     height, width = x.sites.dense_hw
     if size is not None:
@@ -142,8 +167,8 @@ def interpolate(
         raise x.context.unsupported(
             f"interpolate from stride {x.site_stride} by size={size} scale={scale_factor}"
         )
-    if factor == 1:
-        return x
+    if factor == 1:  # a new tensor, as torch's (an in-place op on it must not change x)
+        return x.with_feats(x.feats.clone())
     src = x.sites
     dst = src.geometry.layout(src.stride // factor)
     b, big = src.block, dst.block

@@ -29,17 +29,6 @@ def permute(input, *dims):
     raise x.context.unsupported(f"permute{order} of a {kind} map (only NCHW <-> NHWC)")
 
 
-def _channel_dim(x: SparseValue, dim: int, what: str) -> int:
-    """The feature dim (1..) of the logical channel dim `dim`."""
-    dim %= x.dim()
-    channel = x.channel_dims()
-    if dim not in channel:
-        raise x.context.unsupported(
-            f"{what} along dim {dim} of a map of shape {tuple(x.shape)} (channels only)"
-        )
-    return 1 + channel.index(dim)
-
-
 @handles(torch.cat, torch.concat, torch.concatenate)
 def cat(tensors, dim: int = 0, *, out=None):
     ref = first_value((tensors,))
@@ -48,20 +37,20 @@ def cat(tensors, dim: int = 0, *, out=None):
     for t in tensors:
         if t.sites.key != ref.sites.key or t.channels_last != ref.channels_last:
             raise ref.context.unsupported("cat of maps on different sites, strides or layouts")
-    return ref.with_feats(torch.cat([t.feats for t in tensors], _channel_dim(ref, dim, "cat")))
+    return ref.with_feats(torch.cat([t.feats for t in tensors], ref.feature_dim(dim, "cat")))
 
 
 @handles(Tensor.split, torch.split)
 def split(input, split_size_or_sections, dim: int = 0):
     x = input
-    parts = x.feats.split(split_size_or_sections, _channel_dim(x, dim, "split"))
+    parts = x.feats.split(split_size_or_sections, x.feature_dim(dim, "split"))
     return tuple(x.with_feats(p) for p in parts)
 
 
 @handles(Tensor.chunk, torch.chunk)
 def chunk(input, chunks: int, dim: int = 0):
     x = input
-    return tuple(x.with_feats(p) for p in x.feats.chunk(chunks, _channel_dim(x, dim, "chunk")))
+    return tuple(x.with_feats(p) for p in x.feats.chunk(chunks, x.feature_dim(dim, "chunk")))
 
 
 @handles(Tensor.__getitem__)
@@ -113,7 +102,7 @@ def view(input, *shape):
 @handles(Tensor.transpose, torch.transpose, Tensor.swapaxes, Tensor.swapdims)
 def transpose(input, dim0: int, dim1: int):
     x = input
-    a, b = _channel_dim(x, dim0, "transpose"), _channel_dim(x, dim1, "transpose")
+    a, b = x.feature_dim(dim0, "transpose"), x.feature_dim(dim1, "transpose")
     return x.with_feats(x.feats.transpose(a, b))
 
 
@@ -144,6 +133,9 @@ def clone(input, *, memory_format=torch.preserve_format):
 def to(input, *args, **kwargs):
     """Casts the features; moving a map to another device is refused (its sites live on one)."""
     x = input
+    if not isinstance(x, SparseValue):  # `w.to(x)`: a dense tensor takes the map's dtype and device
+        plain = [a.feats if isinstance(a, SparseValue) else a for a in args]
+        return Tensor.to(x, *plain, **{k: getattr(v, "feats", v) for k, v in kwargs.items()})
     device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
     if device is not None and torch.device(device) != x.feats.device:
         raise x.context.unsupported(f"moving a sparse map to {device}")
@@ -152,6 +144,9 @@ def to(input, *args, **kwargs):
 
 @handles(Tensor.type_as)
 def type_as(input, other: Tensor):
+    """The map cast like `other`; or a dense tensor cast like the map `other` (it stays dense)."""
+    if not isinstance(input, SparseValue):
+        return Tensor.to(input, other.feats.dtype)
     return input.with_feats(input.feats.to(other.dtype))
 
 
