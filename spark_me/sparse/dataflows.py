@@ -109,10 +109,34 @@ class _ConvKernel(_Flow):
     def kernel_maps_backward(self, grad: Tensor, g: Tensor, weight: Tensor, needs) -> tuple:
         if self.op.kind == "depthwise":
             return depthwise.maps_backward(grad, g, weight, self.op.stride, self.padding, needs)
+        if self.op.kernel_size == 1 and self.op.stride > 1 and self.op.groups == 1:
+            return _strided_pointwise_backward(grad, g, weight, self.op.stride, needs)
         return torch.ops.aten.convolution_backward(
             grad, g, weight, [weight.shape[0]] if needs[2] else None, [self.op.stride] * 2,
             [self.padding] * 2, [1, 1], False, [0, 0], self.op.groups, list(needs),
         )  # fmt: skip
+
+
+def _strided_pointwise_backward(grad: Tensor, g: Tensor, weight: Tensor, stride: int, needs) -> tuple:
+    """Backward of a 1x1 conv with stride s > 1 as GEMMs on the sampled sites (every s-th row and
+    column): grad-input is grad @ W there and 0 elsewhere, grad-weight grad^T @ sampled input.
+
+    Why not aten: torch 2.14's CPU convolution_backward for this case, on a channels-last input with
+    2+ threads, corrupts the heap for some small widths (8 or 12 channels, 16-site blocks: "free():
+    invalid next size", reproduced in float32 and bf16 outside spark-me); the GEMMs are exact.
+    """
+    out_ch, in_ch = weight.shape[:2]
+    w = weight.reshape(out_ch, in_ch)
+    rows = grad.permute(0, 2, 3, 1).reshape(-1, out_ch)  # [n*ho*wo, O]
+    grad_g = grad_w = None
+    if needs[0]:
+        grad_g = g.new_zeros(g.shape).contiguous(memory_format=torch.channels_last)
+        sampled = (rows @ w).view(grad.shape[0], grad.shape[2], grad.shape[3], in_ch).permute(0, 3, 1, 2)
+        grad_g[:, :, ::stride, ::stride] = sampled
+    if needs[1]:
+        x = g[:, :, ::stride, ::stride].permute(0, 2, 3, 1).reshape(-1, in_ch)
+        grad_w = (rows.t() @ x).view(out_ch, in_ch, 1, 1)
+    return grad_g, grad_w, rows.sum(0) if needs[2] else None
 
 
 class _Block(_ConvKernel):
