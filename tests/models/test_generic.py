@@ -43,10 +43,9 @@ from ._compare import (
     backward,
     probes_for,
 )
-from ._families import FAMILIES, build
+from ._families import FAMILIES, TRAIN_TOL, build
 
 TOL = 1e-10
-TRAIN_TOL = {"efficientnet_lite0": 1e-8, "mobilenetv2_100": 1e-8}  # measured noise floor, see above
 
 
 def _create_encoder(model_or_name: nn.Module | str, **kwargs) -> nn.Module:
