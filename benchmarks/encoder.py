@@ -25,7 +25,8 @@ log = logging.getLogger("spark_me.bench.encoder")
 AMP = {"none": None, "bf16": "bfloat16", "fp16": "float16"}
 
 
-def _time(fn, device) -> float:
+def seconds(fn, device) -> float:
+    """Wall seconds of `fn()`, with the device synchronised before and after."""
     import torch
 
     if device.type == "cuda":
@@ -130,7 +131,7 @@ def compare(arch: str, ratio: float, batch: int, size: int, amp: str, repeats: i
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
-            times[name].append(_time(lambda f=fn: f().backward(), dev))
+            times[name].append(seconds(lambda f=fn: f().backward(), dev))
     params = list(sparse.parameters()) + list(timm_model.parameters())
     saved = {name: saved_mib(fn, params) for name, fn in variants.items()}
     med = {name: statistics.median(t) for name, t in times.items()}
@@ -192,7 +193,7 @@ def compare_steps(
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, fn in steps.items():
-            times[name].append(_time(fn, dev))
+            times[name].append(seconds(fn, dev))
     med = {name: statistics.median(t) for name, t in times.items()}
     return {
         "arch": arch, "mask_ratio": ratio, "batch": batch, "size": size, "amp": amp, "device": str(dev),

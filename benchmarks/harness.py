@@ -21,8 +21,9 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from benchmarks.encoder import seconds
 
 log = logging.getLogger("spark_me.bench")
 
@@ -41,18 +42,6 @@ def _rss_kib(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
-
-
-def _timed(fn, dev) -> float:
-    import torch
-
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    t0 = time.perf_counter()
-    fn()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    return time.perf_counter() - t0
 
 
 def measure(
@@ -87,13 +76,13 @@ def measure(
         torch.cuda.reset_peak_memory_stats(dev)
     for _ in range(warmup):
         step.full_step()
-    times = [_timed(step.full_step, dev) for _ in range(steps)]
+    times = [seconds(step.full_step, dev) for _ in range(steps)]
     peak = (
         torch.cuda.max_memory_allocated(dev)
         if dev.type == "cuda"
         else (_rss_kib("VmHWM") - rss_before) * 1024
     )
-    enc_times = [_timed(step.encoder_step, dev) for _ in range(max(1, steps))]
+    enc_times = [seconds(step.encoder_step, dev) for _ in range(max(1, steps))]
     step_s = statistics.median(times)
     row = {
         "arch": arch,
@@ -115,7 +104,7 @@ def measure(
         reference = timm_step(arch, images, amp)
         reference.full_step()  # its warm-up
         pairs = [
-            (_timed(step.full_step, dev), _timed(reference.full_step, dev)) for _ in range(max(1, steps))
+            (seconds(step.full_step, dev), seconds(reference.full_step, dev)) for _ in range(max(1, steps))
         ]
         row["timm_step_s"] = statistics.median(t for _, t in pairs)
         row["vs_timm"] = statistics.median(d for d, _ in pairs) / row["timm_step_s"]

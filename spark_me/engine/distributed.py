@@ -93,3 +93,12 @@ def from_main(obj: object, env: DistEnv) -> object:
 def cleanup(env: DistEnv) -> None:
     if env.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def wrap(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
+    """`model` in DistributedDataParallel when the run is distributed, else `model` itself."""
+    if not env.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)

@@ -27,7 +27,6 @@ import yaml
 from timm.data import Mixup
 from timm.utils import ModelEmaV3
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -277,10 +276,7 @@ def _run(cfg: FinetuneConfig, env: DistEnv, output: Path) -> int:
         start_epoch, step, best = int(state["epoch"]) + 1, int(state["step"]), dict(state["best"])
         log.info("resumed from %s: epoch %d, step %d (its weights, not --weights)", resume, start_epoch, step)
 
-    if env.distributed:
-        ddp = DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
-    else:
-        ddp = model
+    ddp = distributed.wrap(model, env)
     writer = None
     if env.is_main:
         from torch.utils.tensorboard import SummaryWriter

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import ConcatDataset, DataLoader
 from tqdm import tqdm
 
@@ -325,12 +324,9 @@ def _run(cfg: PretrainConfig, env: DistEnv, output: Path, stop: StopRequest) -> 
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
-    if env.distributed:
-        if cfg.sync_bn:  # encoder, densify and decoder BNs: statistics of all processes
-            convert_sync_batchnorm(model)
-        ddp = DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
-    else:
-        ddp = model
+    if env.distributed and cfg.sync_bn:  # encoder, densify and decoder BNs: statistics of all processes
+        convert_sync_batchnorm(model)
+    ddp = distributed.wrap(model, env)
     writer = None
     if env.is_main:
         from torch.utils.tensorboard import SummaryWriter
