@@ -20,6 +20,7 @@ from pathlib import Path
 
 from converters.io import NotACheckpoint, load_state, save_state
 from converters.timm_format import encoder_state, to_timm
+from spark_me import keep
 from spark_me.engine import distributed
 from spark_me.engine.distributed import DistEnv
 
@@ -118,13 +119,7 @@ def _why(path: Path, err: BaseException) -> str:
 def set_aside(path: Path) -> Path:
     """Renames an unreadable checkpoint to `<name>.unreadable` (`.unreadable-2`, ... if taken), so a
     resumed run does not overwrite it; returns the new path."""
-    target = path.with_name(path.name + ".unreadable")
-    n = 1
-    while target.exists():
-        n += 1
-        target = path.with_name(f"{path.name}.unreadable-{n}")
-    path.rename(target)
-    return target
+    return keep.set_aside(path, "unreadable")
 
 
 def load(path: str | Path) -> dict:

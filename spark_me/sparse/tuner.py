@@ -25,6 +25,7 @@ from pathlib import Path
 import MinkowskiEngine as ME
 import torch
 
+from spark_me import keep
 from spark_me.sparse import dataflows
 from spark_me.sparse.dataflows import SparseOp
 from spark_me.sparse.geometry import BlockLayout, layout_of
@@ -143,12 +144,7 @@ class DataflowTuner:
         try:
             self.load(path)
         except ValueError as err:
-            kept = path.with_name(path.name + ".unusable")
-            n = 1
-            while kept.exists():
-                n += 1
-                kept = path.with_name(f"{path.name}.unusable-{n}")
-            path.rename(kept)
+            kept = keep.set_aside(path, "unusable")
             log.warning("%s; kept as %s, the dataflows are measured again", err, kept.name)
 
     def load(self, path: str | Path) -> None:
