@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.encoder import seconds
+from spark_me.cli_parser import OneLineErrorParser
 
 log = logging.getLogger("spark_me.bench")
 
@@ -234,7 +235,7 @@ def write(out: Path, env: dict, rows: list[dict], args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="spark-me bench", description=__doc__, formatter_class=HelpFormatter)
+    p = OneLineErrorParser(prog="spark-me bench", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--archs", nargs="+", default=list(DEFAULT_ARCHS), help="encoders")
     p.add_argument("--sizes", nargs="+", type=int, default=[224], help="image sizes (multiples of 32)")
     p.add_argument(
