@@ -51,8 +51,13 @@ def save(output_dir: Path, state: dict, epoch: int, numbered: bool, keep_last: i
         for old in sorted(numbered_checkpoints(output_dir))[:-keep_last]:
             old.unlink(missing_ok=True)
             (output_dir / old.name.replace("checkpoint-", "timm-")).unlink(missing_ok=True)
-    (output_dir / MID_EPOCH).unlink(missing_ok=True)  # superseded by this later state
+    drop_mid_epoch(output_dir)
     return output_dir / "checkpoint-last.pth"
+
+
+def drop_mid_epoch(output_dir: Path) -> None:
+    """Call once a later (epoch-end) state is saved: the mid-epoch one is superseded."""
+    (Path(output_dir) / MID_EPOCH).unlink(missing_ok=True)
 
 
 def save_mid_epoch(output_dir: Path, state: dict) -> Path:

@@ -17,8 +17,10 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +36,12 @@ from converters.io import NotACheckpoint, load_state, save_state
 from spark_me.data.labelled import LabelledImages, find_splits
 from spark_me.engine import checkpoint, distributed
 from spark_me.engine.distributed import DistEnv
+from spark_me.engine.epoch_position import EpochPosition
 from spark_me.engine.finetune_config import FinetuneConfig
 from spark_me.engine.finetune_setup import build_criterion, build_loaders, build_mixup, build_optimizer
 from spark_me.engine.optim import build_lr_scheduler, scaled_lr
+from spark_me.engine.preemption import PREEMPTED_EXIT, Preempted, StopRequest
+from spark_me.engine.resume import MidEpochSaver, position_of, refuse_foreign, stop_between_epochs
 from spark_me.engine.transfer import Scores, create_model, evaluate, read_source, shard, val_transform
 
 log = logging.getLogger("spark_me.finetune")
@@ -72,8 +77,9 @@ def autocast(cfg: FinetuneConfig, env: DistEnv):
 
 
 def seed_epoch(cfg: FinetuneConfig, epoch: int, env: DistEnv) -> None:
-    """Every random choice of an epoch (crops, RandAugment, Mixup, drop path) is a function of the
-    epoch, so a run resumed at an epoch boundary repeats the uninterrupted run exactly."""
+    """Every random choice of an epoch in the main process (Mixup/CutMix, drop path) is a function
+    of the epoch, so a run resumed at an epoch boundary repeats the uninterrupted run exactly (the
+    augmentations are seeded per sample: `SeededSamples`)."""
     seed = cfg.seed + 1000 * epoch + env.rank
     torch.manual_seed(seed)
     random.seed(seed)
@@ -84,23 +90,43 @@ def max_lr(optimizer: torch.optim.Optimizer) -> float:
     return max(group["lr"] for group in optimizer.param_groups)
 
 
-def train_one_epoch(run: FinetuneRun, epoch: int, step: int) -> tuple[float, int]:
+def train_one_epoch(
+    run: FinetuneRun,
+    epoch: int,
+    step: int,
+    start: EpochPosition | None = None,
+    boundary: Callable[[int, int, list[float]], None] | None = None,
+) -> tuple[float, int]:
     """One pass; returns (mean loss, optimiser steps so far). As in pretraining, with `accum_iter`
-    the last `len(loader) % accum_iter` batches of an epoch are dropped."""
+    the last `len(loader) % accum_iter` batches of an epoch are dropped.
+
+    `start`: continue the epoch at this step boundary (its first `start.batch` micro-batches are
+    done: the sampler must already skip them) with this process's random states (torch: drop path;
+    numpy: Mixup/CutMix; Python) and losses as they were there. `boundary(done, step, losses)` runs
+    after every optimiser step but the epoch's last (mid-epoch saves, the agreement to stop); it may
+    raise `Preempted`."""
     cfg, env, model = run.cfg, run.env, run.ddp
     model.train()
     run.optimizer.zero_grad(set_to_none=True)
     used = (len(run.train_loader) // cfg.accum_iter) * cfg.accum_iter
-    losses = []
+    first = start.batch if start else 0
+    mine = start.ranks[env.rank] if start else None
+    losses = list(mine.losses) if mine else []
+    batches = iter(run.train_loader)  # draws the workers' base seed from torch's global state ...
+    if mine:  # ... so the states the steps draw from are set after that
+        mine.restore(env.device)
+    else:
+        seed_epoch(cfg, epoch, env)
     bar = tqdm(
-        itertools.islice(run.train_loader, used),
+        itertools.islice(batches, used - first),
         total=used,
+        initial=first,
         desc=f"epoch {epoch + 1}/{cfg.epochs}",
         disable=not (env.is_main and sys.stderr.isatty()),
         leave=False,
         dynamic_ncols=True,
     )
-    for i, (images, labels) in enumerate(bar):
+    for i, (images, labels) in enumerate(bar, start=first):
         images, labels = images.to(env.device, non_blocking=True), labels.to(env.device, non_blocking=True)
         if run.mixup is not None:
             images, labels = run.mixup(images, labels)
@@ -133,6 +159,8 @@ def train_one_epoch(run: FinetuneRun, epoch: int, step: int) -> tuple[float, int
         if run.writer:
             run.writer.add_scalar("train/loss", value, step)
             run.writer.add_scalar("train/lr", max_lr(run.optimizer), step)
+        if boundary and i + 1 < used:
+            boundary(i + 1, step, losses)
     return distributed.all_mean(sum(losses) / max(len(losses), 1), env), step
 
 
@@ -160,32 +188,48 @@ def load_resume_state(path: Path) -> dict:
     return state
 
 
-def save(run: FinetuneRun, output: Path, epoch: int, step: int, best: dict) -> None:
-    """checkpoint-last.pth (full state, atomic) and timm-last.pth (the model alone, timm's keys)."""
-    state = {
+def full_state(run: FinetuneRun, finished_epoch: int, step: int, best: dict) -> dict:
+    """What a checkpoint holds; `finished_epoch` is the index of the last finished epoch (-1: none).
+    The EMA weights are fp32 like the model's, so timm's stochastic rounding (bf16 EMA only) and
+    its generator play no part."""
+    return {
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "scaler": run.scaler.state_dict() if run.scaler else None,
         "ema": run.ema.module.state_dict() if run.ema is not None else None,
-        "epoch": epoch,
+        "epoch": finished_epoch,
         "step": step,
         "best": best,
         "config": run.cfg.to_dict(),
     }
+
+
+def save(run: FinetuneRun, output: Path, epoch: int, step: int, best: dict) -> None:
+    """checkpoint-last.pth (full state, atomic) and timm-last.pth (the model alone, timm's keys)."""
+    state = full_state(run, epoch, step, best)
     save_state(state, output / "checkpoint-last.pth")
     save_state(state["model"], output / "timm-last.pth")
+    checkpoint.drop_mid_epoch(output)
 
 
 def run(cfg: FinetuneConfig) -> int:
+    """0 when done, 1 on a non-finite loss, PREEMPTED_EXIT when stopped by SIGTERM / SIGUSR1."""
     env = distributed.init(cfg.device)
     output = Path(cfg.output_dir)
-    try:
-        return evaluate_only(cfg, env) if cfg.eval else _run(cfg, env, output)
-    except NonFiniteLoss as err:
-        log.error("%s: stopping. The last good checkpoint is kept: %s", err, output / "checkpoint-last.pth")
-        return 1
-    finally:
-        distributed.cleanup(env)
+    with StopRequest() as stop:
+        try:
+            return evaluate_only(cfg, env) if cfg.eval else _run(cfg, env, output, stop)
+        except NonFiniteLoss as err:
+            log.error(
+                "%s: stopping. The last good checkpoint is kept: %s", err, output / "checkpoint-last.pth"
+            )
+            return 1
+        except Preempted as err:
+            if env.is_main:
+                log.warning("%s", err)
+            return PREEMPTED_EXIT
+        finally:
+            distributed.cleanup(env)
 
 
 def evaluate_only(cfg: FinetuneConfig, env: DistEnv) -> int:
@@ -217,7 +261,7 @@ def evaluate_only(cfg: FinetuneConfig, env: DistEnv) -> int:
     return 0
 
 
-def _run(cfg: FinetuneConfig, env: DistEnv, output: Path) -> int:
+def _run(cfg: FinetuneConfig, env: DistEnv, output: Path, stop: StopRequest) -> int:
     # -- checks and set-up: every bad input fails here, in one line, before anything trains ---------
     found = checkpoint.resume_source(cfg.resume, cfg.auto_resume, env, output)
     splits = find_splits(cfg.data_path)
@@ -239,6 +283,36 @@ def _run(cfg: FinetuneConfig, env: DistEnv, output: Path) -> int:
     scaler = torch.amp.GradScaler(env.device.type) if cfg.amp and cfg.amp_dtype == "fp16" else None
     mixup = build_mixup(cfg, len(splits.classes))
     ema = ModelEmaV3(model, decay=cfg.ema, use_warmup=True) if cfg.ema > 0 else None
+    layout = {
+        "world_size": env.world_size,
+        "batch_size": cfg.batch_size,
+        "accum_iter": cfg.accum_iter,
+        "samples": len(train_loader.dataset),
+        "rep_aug": cfg.rep_aug,
+    }
+
+    # -- resume (before the first write: a checkpoint that cannot continue this run changes nothing)
+    start_epoch, step, best = 0, 0, {"top1": -1.0, "epoch": 0, "source": ""}
+    resume, position = found.path, None
+    if resume:
+        state = load_resume_state(Path(resume))
+        position = position_of(state, layout, resume, output)
+        refuse_foreign(resume, state, model, cfg.arch)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        if ema is not None and state.get("ema"):
+            ema.module.load_state_dict(state["ema"])
+        start_epoch, step, best = int(state["epoch"]) + 1, int(state["step"]), dict(state["best"])
+        where = f", batch {position.batch} of the epoch" if position else ""
+        log.info(
+            "resumed from %s: epoch %d%s, step %d (its weights, not --weights)",
+            resume,
+            start_epoch + 1,
+            where,
+            step,
+        )
     if env.is_main:
         checkpoint.keep_unreadable(found)  # (the unreadable ones auto-resume skipped)
         output.mkdir(parents=True, exist_ok=True)
@@ -262,20 +336,6 @@ def _run(cfg: FinetuneConfig, env: DistEnv, output: Path) -> int:
         cfg.weight_decay,
     )
 
-    # -- resume -----------------------------------------------------------------------------------
-    start_epoch, step, best = 0, 0, {"top1": -1.0, "epoch": 0, "source": ""}
-    resume = found.path
-    if resume:
-        state = load_resume_state(Path(resume))
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        if ema is not None and state.get("ema"):
-            ema.module.load_state_dict(state["ema"])
-        start_epoch, step, best = int(state["epoch"]) + 1, int(state["step"]), dict(state["best"])
-        log.info("resumed from %s: epoch %d, step %d (its weights, not --weights)", resume, start_epoch, step)
-
     ddp = distributed.wrap(model, env)
     writer = None
     if env.is_main:
@@ -289,39 +349,23 @@ def _run(cfg: FinetuneConfig, env: DistEnv, output: Path) -> int:
 
     # -- epochs -----------------------------------------------------------------------------------
     for epoch in range(start_epoch, cfg.epochs):
-        train_loader.sampler.set_epoch(epoch)
-        seed_epoch(cfg, epoch, env)
+        at = position if position is not None and position.epoch == epoch else None
+        train_loader.dataset.set_epoch(epoch)
+        train_loader.sampler.set_epoch(
+            epoch, at.batch * cfg.batch_size if at else 0, at.order if at else None
+        )
         epoch_start = time.monotonic()
-        loss, step = train_one_epoch(run, epoch, step)
+        state_of = partial(full_state, run, best=best)
+        saver = MidEpochSaver(
+            cfg.save_every_steps, env, output, stop, state_of, train_loader.sampler, layout, epoch
+        )
+        loss, step = train_one_epoch(run, epoch, step, at, saver)
         scores = evaluate(model, val_loader, env, autocast(cfg, env))
         ema_scores = evaluate(ema.module, val_loader, env, autocast(cfg, env)) if ema is not None else None
-        if not env.is_main:
-            continue
-        stats = epoch_stats(epoch, step, loss, max_lr(optimizer), scores, ema_scores)
-        stats["epoch_time"] = time.monotonic() - epoch_start
-        for name, scored in (("model", scores), ("ema", ema_scores)):
-            if scored is not None and scored.top1 > best["top1"]:
-                best = {"top1": scored.top1, "epoch": epoch + 1, "source": name}
-                weights = model.state_dict() if name == "model" else ema.module.state_dict()
-                save_state(weights, output / "timm-best.pth")
-        stats["best_top1"] = best["top1"]
-        with open(output / "log.txt", "a") as fh:
-            fh.write(json.dumps(stats) + "\n")
-        for key in ("train_loss", "val_loss", "val_top1", "val_top5", "ema_val_top1"):
-            if key in stats:
-                writer.add_scalar(f"epoch/{key}", stats[key], epoch + 1)
-        save(run, output, epoch, step, best)
-        log.info(
-            "epoch %d/%d  loss %.4f  val top-1 %.2f%%  top-5 %.2f%%%s  (best %.2f%%, %.1f s)",
-            epoch + 1,
-            cfg.epochs,
-            loss,
-            scores.top1,
-            scores.top5,
-            f"  EMA top-1 {ema_scores.top1:.2f}%" if ema_scores else "",
-            best["top1"],
-            stats["epoch_time"],
-        )
+        if env.is_main:
+            best = finish_epoch(run, output, epoch, step, loss, (scores, ema_scores), best, epoch_start)
+        # a signal during validation or the save
+        stop_between_epochs(stop, env, epoch, cfg.epochs, step, output)
     distributed.barrier(env)
     if writer:
         writer.close()
@@ -335,6 +379,47 @@ def _run(cfg: FinetuneConfig, env: DistEnv, output: Path) -> int:
             output / "timm-last.pth",
         )
     return 0
+
+
+def finish_epoch(
+    run: FinetuneRun,
+    output: Path,
+    epoch: int,
+    step: int,
+    loss: float,
+    scored: tuple[Scores, Scores | None],
+    best: dict,
+    epoch_start: float,
+) -> dict:
+    """Main process, after an epoch's validation: timm-best.pth when the model or its EMA beat the
+    best so far, the log.txt line, tensorboard, the epoch-end checkpoint. Returns the best so far."""
+    cfg, scores, ema_scores = run.cfg, *scored
+    stats = epoch_stats(epoch, step, loss, max_lr(run.optimizer), scores, ema_scores)
+    stats["epoch_time"] = time.monotonic() - epoch_start
+    for name, result in (("model", scores), ("ema", ema_scores)):
+        if result is not None and result.top1 > best["top1"]:
+            best = {"top1": result.top1, "epoch": epoch + 1, "source": name}
+            weights = run.model.state_dict() if name == "model" else run.ema.module.state_dict()
+            save_state(weights, output / "timm-best.pth")
+    stats["best_top1"] = best["top1"]
+    with open(output / "log.txt", "a") as fh:
+        fh.write(json.dumps(stats) + "\n")
+    for key in ("train_loss", "val_loss", "val_top1", "val_top5", "ema_val_top1"):
+        if key in stats:
+            run.writer.add_scalar(f"epoch/{key}", stats[key], epoch + 1)
+    save(run, output, epoch, step, best)
+    log.info(
+        "epoch %d/%d  loss %.4f  val top-1 %.2f%%  top-5 %.2f%%%s  (best %.2f%%, %.1f s)",
+        epoch + 1,
+        cfg.epochs,
+        loss,
+        scores.top1,
+        scores.top5,
+        f"  EMA top-1 {ema_scores.top1:.2f}%" if ema_scores else "",
+        best["top1"],
+        stats["epoch_time"],
+    )
+    return best
 
 
 def epoch_stats(

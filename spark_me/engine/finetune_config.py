@@ -62,6 +62,7 @@ class FinetuneConfig:
     sync_bn: bool = True
     output_dir: str = "output-finetune"
     log_dir: str | None = None  # tensorboard; default: output_dir/tb
+    save_every_steps: int = 0  # also checkpoint-mid-epoch.pth every N optimiser steps (0: never)
     resume: str | None = None
     auto_resume: bool = True
     eval: bool = False  # evaluate --weights on val only
@@ -140,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--amp_dtype", choices=("bf16", "fp16"))
     add("--sync_bn", action=argparse.BooleanOptionalAction, default=None, help="SyncBatchNorm under DDP")
     add("--log_dir", help="tensorboard folder (default output_dir/tb)")
+    add(
+        "--save_every_steps",
+        type=int,
+        help="also save checkpoint-mid-epoch.pth every N optimiser steps, to resume mid-epoch (for "
+        "clusters that kill jobs without SIGTERM/SIGUSR1 first; 0: only on those signals)",
+    )
     add("--resume", help="full fine-tuning checkpoint to continue from")
     add("--auto_resume", action=argparse.BooleanOptionalAction, default=None, help="resume from output_dir")
     add("--eval", action="store_true", default=None, help="only evaluate --weights on val/ (top-1, top-5)")
@@ -188,6 +195,7 @@ AT_LEAST = {
     "cutmix": 0.0,
     "input_size": 32,  # the features are at stride 32
     "min_lr": 0.0,
+    "save_every_steps": 0,
 }
 UNIT_INTERVAL = ("reprob", "mixup_prob", "mixup_switch_prob")  # [0, 1]
 HALF_OPEN = ("smoothing", "drop_path", "ema")  # [0, 1)

@@ -14,11 +14,12 @@ from timm.data.distributed_sampler import RepeatAugSampler
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from spark_me.data.labelled import LabelledImages, Splits
 from spark_me.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from spark_me.engine.distributed import DistEnv
+from spark_me.engine.epoch_position import ResumableRanks, ResumableSampler, SeededSamples
 from spark_me.engine.finetune_config import FinetuneConfig
 from spark_me.engine.transfer import shard, val_transform
 
@@ -39,7 +40,12 @@ def train_transform(cfg: FinetuneConfig):
 
 
 def build_loaders(cfg: FinetuneConfig, env: DistEnv, splits: Splits) -> tuple[DataLoader, DataLoader]:
-    train = LabelledImages(splits, "train", train_transform(cfg))
+    """Training loader: a resumable sampler (the epoch can restart at any step boundary, see
+    engine/epoch_position.py) and each sample augmented under its own (seed, epoch, index) seed,
+    whatever process or worker loads it. Call `train_loader.dataset.set_epoch` and
+    `train_loader.sampler.set_epoch` before each epoch."""
+    labelled = LabelledImages(splits, "train", train_transform(cfg))
+    train = SeededSamples(labelled, cfg.seed)
     val = LabelledImages(splits, "val", val_transform(cfg.input_size, cfg.crop_pct))
     if len(train) < cfg.batch_size * env.world_size:
         raise ValueError(
@@ -47,13 +53,11 @@ def build_loaders(cfg: FinetuneConfig, env: DistEnv, splits: Splits) -> tuple[Da
             "processes); lower --batch_size"
         )
     if cfg.rep_aug:
-        sampler = RepeatAugSampler(
-            train, num_replicas=env.world_size, rank=env.rank, shuffle=True, num_repeats=cfg.rep_aug
+        sampler = ResumableRanks(
+            RepeatAugSampler(train, num_replicas=env.world_size, rank=env.rank, num_repeats=cfg.rep_aug)
         )
-    else:
-        sampler = DistributedSampler(
-            train, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=cfg.seed, drop_last=True
-        )
+    else:  # DistributedSampler's order (shuffled by seed + epoch, drop_last)
+        sampler = ResumableSampler(train, env.world_size, env.rank, cfg.seed)
     common = dict(num_workers=cfg.num_workers, pin_memory=env.device.type == "cuda")
     train_loader = DataLoader(train, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, **common)
     val_loader = DataLoader(shard(val, env), batch_size=cfg.batch_size, shuffle=False, **common)

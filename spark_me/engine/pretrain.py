@@ -33,7 +33,7 @@ from spark_me.engine.optim import (
     weight_decay_at,
 )
 from spark_me.engine.preemption import PREEMPTED_EXIT, Preempted, StopRequest
-from spark_me.engine.resume import MidEpochSaver, full_state
+from spark_me.engine.resume import MidEpochSaver, full_state, position_of, refuse_foreign, stop_between_epochs
 from spark_me.engine.sizes import checkpoint_sizes, mib, numbered_kept, run_bytes
 from spark_me.models.registry import create_encoder, load_factory
 from spark_me.models.spark import SparK
@@ -275,14 +275,7 @@ def _run(cfg: PretrainConfig, env: DistEnv, output: Path, stop: StopRequest) -> 
         "accum_iter": cfg.accum_iter,
         "samples": len(loader.dataset),
     }
-    position = EpochPosition.from_dict(state["position"]) if state and state.get("position") else None
-    differ = position.mismatch(layout) if position else None
-    if differ:
-        raise ValueError(
-            f"{resume} was saved inside epoch {position.epoch + 1} of a run laid out differently "
-            f"({differ}): resume with the same settings, or from an epoch-end checkpoint "
-            f"(--resume {output / 'checkpoint-last.pth'})"
-        )
+    position = position_of(state, layout, resume, output)
     init = converters.load_state(cfg.init_weight) if cfg.init_weight else None
     model = build_model(cfg, output / "dataflows.json" if env.is_main else None).to(env.device)
     if init is not None:
@@ -312,6 +305,7 @@ def _run(cfg: PretrainConfig, env: DistEnv, output: Path, stop: StopRequest) -> 
     # -- resume ---------------------------------------------------------------------------------
     start_epoch, step = 0, 0
     if state is not None:
+        refuse_foreign(resume, state, model, cfg.arch)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scaler and state.get("scaler"):
@@ -336,13 +330,16 @@ def _run(cfg: PretrainConfig, env: DistEnv, output: Path, stop: StopRequest) -> 
     validation = Validation.from_config(cfg) if env.is_main else None
 
     # -- epochs ---------------------------------------------------------------------------------
+    def state_of(finished_epoch: int, step: int) -> dict:
+        return full_state(model, optimizer, scaler, cfg, finished_epoch, step)
+
     started = time.monotonic()
     for epoch in range(start_epoch, cfg.epochs):
         at = position if position is not None and position.epoch == epoch else None
         loader.dataset.set_epoch(epoch)
         sampler.set_epoch(epoch, at.batch * cfg.batch_size if at else 0, at.order if at else None)
         epoch_start = time.monotonic()
-        saver = MidEpochSaver(cfg, env, output, stop, model, optimizer, scaler, sampler, layout, epoch)
+        saver = MidEpochSaver(cfg.save_every_steps, env, output, stop, state_of, sampler, layout, epoch)
         loss, step = train_one_epoch(
             ddp, loader, optimizer, lr_sched, scaler, cfg, env, epoch, step, total_steps, writer, at, saver
         )
@@ -362,8 +359,7 @@ def _run(cfg: PretrainConfig, env: DistEnv, output: Path, stop: StopRequest) -> 
                 fh.write(json.dumps(stats) + "\n")
             # numbered copies only at multiples of --save_every: the last epoch is checkpoint-last already
             numbered = cfg.save_every > 0 and (epoch + 1) % cfg.save_every == 0
-            state = full_state(model, optimizer, scaler, cfg, epoch, step)
-            checkpoint.save(output, state, epoch + 1, numbered, cfg.keep_last)
+            checkpoint.save(output, state_of(epoch, step), epoch + 1, numbered, cfg.keep_last)
             if (epoch + 1) % cfg.recon_every == 0 or epoch + 1 == cfg.epochs:
                 save_pictures(model, output, epoch + 1, pictures, validation, cfg.seed)
             elapsed = time.monotonic() - started
@@ -377,12 +373,8 @@ def _run(cfg: PretrainConfig, env: DistEnv, output: Path, stop: StopRequest) -> 
                 stats["epoch_time"],
                 eta,
             )
-        if epoch + 1 < cfg.epochs and stop.agreed(env):  # a signal during validation or the save
-            raise Preempted(
-                f"stopped by {stop.name} after epoch {epoch + 1} (step {step}): the state is in "
-                f"{output / 'checkpoint-last.pth'}; run the same command to continue "
-                f"(exit status {PREEMPTED_EXIT})"
-            )
+        # a signal during validation or the save
+        stop_between_epochs(stop, env, epoch, cfg.epochs, step, output)
     distributed.barrier(env)
     if writer:
         writer.close()

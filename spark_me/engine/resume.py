@@ -1,10 +1,14 @@
-"""Resuming pretraining mid-epoch: what a checkpoint holds, and the saves made at step
-boundaries inside an epoch (every `--save_every_steps`, and on SIGTERM / SIGUSR1)."""
+"""Resuming a run (pretraining or fine-tuning) mid-epoch: what a pretraining checkpoint holds,
+the saves made at step boundaries inside an epoch (every `--save_every_steps`, and on SIGTERM /
+SIGUSR1), and the checks that a checkpoint can continue this run at all."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
+
+from torch import nn
 
 from spark_me.engine import checkpoint, distributed
 from spark_me.engine.config import PretrainConfig
@@ -12,7 +16,7 @@ from spark_me.engine.distributed import DistEnv
 from spark_me.engine.epoch_position import EpochPosition, RankState, ResumableSampler
 from spark_me.engine.preemption import PREEMPTED_EXIT, Preempted, StopRequest
 
-log = logging.getLogger("spark_me.pretrain")
+log = logging.getLogger("spark_me.resume")
 
 
 def full_state(model, optimizer, scaler, cfg: PretrainConfig, finished_epoch: int, step: int) -> dict:
@@ -28,30 +32,30 @@ def full_state(model, optimizer, scaler, cfg: PretrainConfig, finished_epoch: in
 
 
 class MidEpochSaver:
-    """Runs at every step boundary inside an epoch: saves the state every `save_every_steps` steps,
-    and when the processes agree to stop (a signal came), saves it and raises `Preempted`."""
+    """Runs at every step boundary inside an epoch: saves the state every `every` steps (0: never),
+    and when the processes agree to stop (a signal came), saves it and raises `Preempted`.
+
+    `state_of(finished_epoch, step)` is the run's full state (what its epoch-end checkpoint holds);
+    the saver adds the epoch's position. `sampler` is a ResumableSampler or ResumableRanks.
+    """
 
     def __init__(
         self,
-        cfg: PretrainConfig,
+        every: int,
         env: DistEnv,
         output: Path,
         stop: StopRequest,
-        model,
-        optimizer,
-        scaler,
+        state_of: Callable[[int, int], dict],
         sampler: ResumableSampler,
         layout: dict[str, int],
         epoch: int,
     ) -> None:
-        self.cfg, self.env, self.output, self.stop = cfg, env, output, stop
-        self.model, self.optimizer, self.scaler, self.sampler = model, optimizer, scaler, sampler
-        self.layout, self.epoch = layout, epoch
+        self.every, self.env, self.output, self.stop = every, env, output, stop
+        self.state_of, self.sampler, self.layout, self.epoch = state_of, sampler, layout, epoch
 
     def __call__(self, done: int, step: int, losses: list[float]) -> None:
         stopping = self.stop.agreed(self.env)
-        every = self.cfg.save_every_steps
-        if stopping or (every > 0 and step % every == 0):
+        if stopping or (self.every > 0 and step % self.every == 0):
             self.save(done, step, losses)
         if stopping:
             raise Preempted(
@@ -64,7 +68,67 @@ class MidEpochSaver:
         ranks = distributed.all_gather(RankState.capture(self.env.device, losses), self.env)
         if self.env.is_main:
             position = EpochPosition(self.epoch, done, self.sampler.epoch_order(), ranks, self.layout)
-            state = full_state(self.model, self.optimizer, self.scaler, self.cfg, self.epoch - 1, step)
+            state = self.state_of(self.epoch - 1, step)
             path = checkpoint.save_mid_epoch(self.output, {**state, "position": position.to_dict()})
             log.info("step %d (epoch %d, batch %d): saved %s", step, self.epoch + 1, done, path)
         distributed.barrier(self.env)
+
+
+def stop_between_epochs(
+    stop: StopRequest, env: DistEnv, epoch: int, epochs: int, step: int, output: Path
+) -> None:
+    """After epoch `epoch` was saved: raises `Preempted` when a signal came during validation or the
+    save (every process calls it: a collective). Nothing to do after the last epoch."""
+    if epoch + 1 < epochs and stop.agreed(env):
+        raise Preempted(
+            f"stopped by {stop.name} after epoch {epoch + 1} (step {step}): the state is in "
+            f"{output / 'checkpoint-last.pth'}; run the same command to continue "
+            f"(exit status {PREEMPTED_EXIT})"
+        )
+
+
+def position_of(
+    state: dict | None, layout: dict[str, int], resume: Path, output: Path
+) -> EpochPosition | None:
+    """The mid-epoch position a resumed state holds (None: an epoch-end state). Refused in one line
+    when the run is laid out differently (processes, batch size, ...): the position counts
+    micro-batches of one layout and would skip the wrong samples in another."""
+    position = EpochPosition.from_dict(state["position"]) if state and state.get("position") else None
+    differ = position.mismatch(layout) if position else None
+    if differ:
+        raise ValueError(
+            f"{resume} was saved inside epoch {position.epoch + 1} of a run laid out differently "
+            f"({differ}): resume with the same settings, or from an epoch-end checkpoint "
+            f"(--resume {output / 'checkpoint-last.pth'})"
+        )
+    return position
+
+
+def refuse_foreign(path: Path, state: dict, model: nn.Module, arch: str) -> None:
+    """A checkpoint whose tensors do not fit this run's model (another --arch, or the same one with
+    other --model_kwargs, decoder width, number of classes) is refused in one line, before anything
+    is written; loading it would end in a size-mismatch traceback."""
+    mine, saved = model.state_dict(), state["model"]
+    differ = sorted(set(mine) ^ set(saved))
+    differ += sorted(k for k in set(mine) & set(saved) if mine[k].shape != saved[k].shape)
+    if not differ:
+        return
+    saved_arch = (state.get("config") or {}).get("arch", "an unrecorded architecture")
+    if saved_arch != arch:
+        what, way = (
+            f"a {saved_arch} checkpoint, and this run is --arch {arch}",
+            f"resume it with --arch {saved_arch}",
+        )
+    else:
+        key = differ[0]
+        shapes = (
+            f"{tuple(saved[key].shape)} vs {tuple(mine[key].shape)}"
+            if key in mine and key in saved
+            else "absent"
+        )
+        what = f"a {arch} checkpoint made with other model settings ({key}: {shapes})"
+        way = "resume it with the settings it was saved with (its config)"
+    raise ValueError(
+        f"{path} does not fit this run's model ({len(differ)} tensors differ): it is {what}; {way}, or start "
+        "this run afresh in another --output_dir (or with --no_auto_resume)"
+    )

@@ -34,11 +34,13 @@ from .test_distributed import free_port
 RUN = [*TINY_RUN, "--repeat", "2", "--epochs", "2", "--dataflow", "rules", "--lr", "2e-3",
        "--val_every", "0", "--recon_every", "100", "--save_every", "0"]  # fmt: skip
 
+# SIGTERM_IN: the model class whose training forwards are counted ("module:Class"; default SparK)
 SIGTERM_AT = textwrap.dedent(
     """
-    import os, signal, sys
-    from spark_me.models.spark import SparK
+    import importlib, os, signal, sys
 
+    module, name = os.environ.get("SIGTERM_IN", "spark_me.models.spark:SparK").split(":")
+    SparK = getattr(importlib.import_module(module), name)
     at, calls, forward = int(os.environ["SIGTERM_AT"]), [0], SparK.forward
 
     def counting(self, *args, **kwargs):
