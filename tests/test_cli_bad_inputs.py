@@ -22,12 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from PIL import Image
 
 from spark_me import cli
 from spark_me.engine import checkpoint
 
+from ._labelled import make_labelled_set
 from .engine.conftest import TINY_RUN
 
 
@@ -60,6 +62,23 @@ def make_inputs(tmp: Path) -> None:
     (tmp / "unknown.yaml").write_text("epochz: 3\n")
     (tmp / "string.yaml").write_text("epochs: ten\n")
     (tmp / "binary.yaml").write_bytes((tmp / "photo.png").read_bytes())
+    torch.save(timm.create_model("resnet18").state_dict(), tmp / "timm-resnet18.pth")
+    # another arch's full states: the keys of a resnet34 (a few are enough to tell)
+    r34 = {"conv1.weight": torch.zeros(64, 3, 7, 7), "layer1.2.conv1.weight": torch.zeros(64, 64, 3, 3)}
+    spark = {"model": {f"encoder.{k}": v for k, v in r34.items()}, "optimizer": {}, "epoch": 0, "step": 3,
+             "config": {**config, "arch": "resnet34"}}  # fmt: skip
+    torch.save(spark, tmp / "pretrain-resnet34.pth")
+    best = {"top1": 50.0, "epoch": 1, "source": "model"}
+    tuned = {
+        "model": r34,
+        "optimizer": {},
+        "epoch": 0,
+        "step": 3,
+        "best": best,
+        "config": {"arch": "resnet34"},
+    }
+    torch.save(tuned, tmp / "finetune-resnet34.pth")
+    make_labelled_set(tmp / "labelled", train_per_class=2, val_per_class=1, size=16)
 
 
 def damaged_last(out: Path) -> None:
@@ -130,6 +149,11 @@ ROWS = [
     Row("resume an image", [*P, "--resume", "{tmp}/photo.png"], "it is a PNG image"),
     Row("resume truncated", [*P, "--resume", "{tmp}/truncated.pth"], "truncated or damaged"),
     Row("resume encoder weights", [*P, "--resume", "{tmp}/weights.pth"], "not a full pretraining checkpoint"),
+    Row(
+        "resume another arch's checkpoint",
+        [*P, "--resume", "{tmp}/pretrain-resnet34.pth"],
+        "it is a resnet34 checkpoint, and this run is --arch resnet18; resume it with --arch resnet34",
+    ),  # fmt: skip
     Row("init_weight missing", [*P, "--init_weight", "{tmp}/nope.pth"], "no such checkpoint"),
     Row("auto-resume, only checkpoint damaged", P, "no readable checkpoint", setup=damaged_last),
     Row(
@@ -154,6 +178,25 @@ ROWS = [
         [*F, "--data_path", "{tmp}/nowhere"],
         "no readable checkpoint",
         setup=damaged_last,
+    ),  # fmt: skip
+    Row(
+        "resume another arch's checkpoint",
+        [
+            *F,
+            "--data_path",
+            "{tmp}/labelled",
+            "--arch",
+            "resnet18",
+            "--input_size",
+            "32",
+            "--batch_size",
+            "2",
+            "--num_workers",
+            "0",
+            "--resume",
+            "{tmp}/finetune-resnet34.pth",
+        ],
+        "it is a resnet34 checkpoint, and this run is --arch resnet18; resume it with --arch resnet34",
     ),  # fmt: skip
     Row("no data_path", ["probe", "--output_dir", "{out}"], "--data_path is required"),
     Row("unknown method", ["probe", "--data_path", "{tmp}", "--method", "svm"], "invalid choice: 'svm'", 2),
@@ -214,11 +257,24 @@ ROWS = [
         "a-file.txt is a file",
     ),  # fmt: skip
     Row("no architecture", ["import-timm", "{tmp}/weights.pth", "-o", "{out}/i.pth"], "--arch", 2),
+    Row(
+        "weights of another arch",
+        ["import-timm", "{tmp}/timm-resnet18.pth", "--arch", "resnet34", "-o", "{out}/i.pth"],
+        "'resnet34': 96 keys differ: missing 96 (layer1.2.bn1.bias, layer1.2.bn1.num_batches_tracked, "
+        "layer1.2.bn1.running_mean, ...); the keys look like resnet18, not resnet34",
+    ),  # fmt: skip
     # -- finetune-det ------------------------------------------------------------------------------
     Row("weights missing", ["finetune-det", "--smoke", "--weights", "{tmp}/nope.pth"], "no such checkpoint"),
     Row("weights an image", ["finetune-det", "--smoke", "--weights", "{tmp}/photo.png"], "PNG image"),
     # -- bench and the command itself --------------------------------------------------------------
     Row("unknown subcommand", ["pretrian"], "argument command: invalid choice: 'pretrian'", 2),
+    Row(
+        "bench unknown flag",
+        ["bench", "--bogus", "1", "--out", "{out}/b"],
+        "unrecognized arguments: --bogus 1",
+        2,
+    ),
+    Row("bench not a number", ["bench", "--steps", "x"], "argument --steps: invalid int value: 'x'", 2),
 ]
 if not torch.cuda.is_available():  # on a GPU machine --device cuda is not a bad input
     ROWS.append(
@@ -289,7 +345,13 @@ def test_bad_input_is_one_line_and_changes_nothing(
     assert folder_digest(out) == before
 
 
-REAL = ["config invalid YAML", "output_dir is a file", "epochs not a number", "unknown subcommand"]
+REAL = [
+    "config invalid YAML",
+    "output_dir is a file",
+    "epochs not a number",
+    "unknown subcommand",
+    "bench unknown flag",
+]
 
 
 @pytest.mark.parametrize("row", [r for r in ROWS if r.name in REAL], ids=lambda row: row.id)

@@ -297,7 +297,7 @@ def _run(cfg: FinetuneConfig, env: DistEnv, output: Path, stop: StopRequest) -> 
     if resume:
         state = load_resume_state(Path(resume))
         position = position_of(state, layout, resume, output)
-        refuse_foreign(resume, state, model, cfg.arch)
+        refuse_foreign(resume, state, model, cfg.arch, not cfg.resume)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scaler and state.get("scaler"):

@@ -305,7 +305,7 @@ def _run(cfg: PretrainConfig, env: DistEnv, output: Path, stop: StopRequest) -> 
     # -- resume ---------------------------------------------------------------------------------
     start_epoch, step = 0, 0
     if state is not None:
-        refuse_foreign(resume, state, model, cfg.arch)
+        refuse_foreign(resume, state, model, cfg.arch, not cfg.resume)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scaler and state.get("scaler"):

@@ -104,7 +104,7 @@ def position_of(
     return position
 
 
-def refuse_foreign(path: Path, state: dict, model: nn.Module, arch: str) -> None:
+def refuse_foreign(path: Path, state: dict, model: nn.Module, arch: str, found_by_auto_resume: bool) -> None:
     """A checkpoint whose tensors do not fit this run's model (another --arch, or the same one with
     other --model_kwargs, decoder width, number of classes) is refused in one line, before anything
     is written; loading it would end in a size-mismatch traceback."""
@@ -128,7 +128,10 @@ def refuse_foreign(path: Path, state: dict, model: nn.Module, arch: str) -> None
         )
         what = f"a {arch} checkpoint made with other model settings ({key}: {shapes})"
         way = "resume it with the settings it was saved with (its config)"
+    afresh = (
+        "in another --output_dir (or with --no_auto_resume)" if found_by_auto_resume else "without --resume"
+    )
     raise ValueError(
         f"{path} does not fit this run's model ({len(differ)} tensors differ): it is {what}; {way}, or start "
-        "this run afresh in another --output_dir (or with --no_auto_resume)"
+        f"this run afresh {afresh}"
     )
