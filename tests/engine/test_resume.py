@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from timm.models.resnet import ResNet
@@ -59,6 +61,14 @@ def at_training_forward(monkeypatch, number: int, action) -> None:
     monkeypatch.setattr(ResNet, "forward", counting)
 
 
+def as_a_new_process() -> None:
+    """The runs share this process: without this, the killed run's last random states would still
+    be in place when the resumed one starts, and a resume that forgot to restore one would pass."""
+    np.random.seed(None)  # from the OS's entropy, as a new process's
+    random.seed(None)
+    torch.seed()
+
+
 def assert_same_run(got: Path, want: Path) -> None:
     """log.txt, model, optimiser and EMA of two finished runs are equal bit for bit."""
     assert [[r[k] for k in LOGGED] for r in read_log(got)] == [[r[k] for k in LOGGED] for r in read_log(want)]
@@ -87,6 +97,7 @@ def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(
     assert (mid["step"], mid["epoch"], mid["position"]["epoch"], mid["position"]["batch"]) == (7, 0, 1, 3)
     assert mid["ema"] is not None and "rng_numpy" in mid["position"]["ranks"][0]
     assert load(killed / "checkpoint-last.pth")["step"] == 4 and [r["epoch"] for r in read_log(killed)] == [1]
+    as_a_new_process()
     assert finetune(data, killed, *flags) == 0
     assert not (killed / checkpoint.MID_EPOCH).exists()  # superseded by the epoch-end state
     assert any(
@@ -109,6 +120,7 @@ def test_save_every_steps_with_repeated_augmentation(data: Path, tmp_path: Path,
     mid = load(killed / checkpoint.MID_EPOCH)
     assert (mid["step"], mid["position"]["epoch"], mid["position"]["batch"]) == (6, 1, 2)
     assert mid["position"]["order"].shape == (1, 32)  # every process's share of the repeated order
+    as_a_new_process()
     assert finetune(data, killed, *flags) == 0
     assert_same_run(killed, straight)
 
