@@ -105,10 +105,10 @@ def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path: Path, monkeypat
     assert run(data, tmp_path / "straight", *args) == 0
     original = finetune.train_one_epoch
 
-    def dying(state, epoch: int, step: int):
+    def dying(state, epoch: int, step: int, *position):
         if epoch == 1:
             raise SystemExit(9)  # killed during the second epoch
-        return original(state, epoch, step)
+        return original(state, epoch, step, *position)
 
     monkeypatch.setattr(finetune, "train_one_epoch", dying)
     with pytest.raises(SystemExit):
