@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import random
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -28,7 +27,6 @@ from timm.data import Mixup
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from converters.io import NotACheckpoint, load_state, save_state
 from spark_me.data.labelled import LabelledImages, find_splits
@@ -37,6 +35,7 @@ from spark_me.engine.distributed import DistEnv
 from spark_me.engine.finetune_config import FinetuneConfig
 from spark_me.engine.finetune_setup import build_criterion, build_loaders, build_mixup, build_optimizer
 from spark_me.engine.optim import build_lr_scheduler, scaled_lr
+from spark_me.engine.progress import progress
 from spark_me.engine.transfer import Scores, create_model, evaluate, read_source, shard, val_transform
 
 log = logging.getLogger("spark_me.finetune")
@@ -92,13 +91,11 @@ def train_one_epoch(run: FinetuneRun, epoch: int, step: int) -> tuple[float, int
     run.optimizer.zero_grad(set_to_none=True)
     used = (len(run.train_loader) // cfg.accum_iter) * cfg.accum_iter
     losses = []
-    bar = tqdm(
+    bar = progress(
         itertools.islice(run.train_loader, used),
         total=used,
         desc=f"epoch {epoch + 1}/{cfg.epochs}",
-        disable=not (env.is_main and sys.stderr.isatty()),
-        leave=False,
-        dynamic_ncols=True,
+        enabled=env.is_main,
     )
     for i, (images, labels) in enumerate(bar):
         images, labels = images.to(env.device, non_blocking=True), labels.to(env.device, non_blocking=True)
