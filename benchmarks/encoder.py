@@ -25,17 +25,18 @@ log = logging.getLogger("spark_me.bench.encoder")
 AMP = {"none": None, "bf16": "bfloat16", "fp16": "float16"}
 
 
-def seconds(fn, device) -> float:
-    """Wall seconds of `fn()`, with the device synchronised before and after."""
+def seconds(fn, device, clock=time.perf_counter) -> float:
+    """Seconds of `fn()` by `clock` (wall time, or `time.process_time`: this process's CPU time,
+    which other processes on a busy host do not stretch), the device synchronised before and after."""
     import torch
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    start = clock()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def saved_mib(loss_fn, params) -> float:

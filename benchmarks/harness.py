@@ -21,6 +21,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from benchmarks.encoder import seconds
@@ -56,8 +57,11 @@ def measure(
     device: str,
     decoder_width: int = 768,
     amp: str = "none",
+    clock: str = "wall",
 ) -> dict:
     """One configuration, in this process. `amp`: "none", "bf16" or "fp16" autocast for the step.
+    `clock`: "wall" seconds, or "cpu" (this process's CPU time: a busy host's other processes do not
+    stretch it; with one thread, the work done; a GPU's work is not in it).
 
     The dense variant is also timed against plain timm training (`timm_step_s`, the same LAMB),
     interleaved after its peak memory was read, so that the timm model does not count in it."""
@@ -67,6 +71,7 @@ def measure(
     from benchmarks.variants import bench_step, timm_step
 
     dev = torch.device(device)
+    tick = time.process_time if clock == "cpu" else time.perf_counter
     torch.manual_seed(0)
     images = torch.randn(batch, 3, size, size, device=dev)
     active = spark_me.random_mask(batch, size, size, ratio, device=dev)
@@ -77,13 +82,13 @@ def measure(
         torch.cuda.reset_peak_memory_stats(dev)
     for _ in range(warmup):
         step.full_step()
-    times = [seconds(step.full_step, dev) for _ in range(steps)]
+    times = [seconds(step.full_step, dev, tick) for _ in range(steps)]
     peak = (
         torch.cuda.max_memory_allocated(dev)
         if dev.type == "cuda"
         else (_rss_kib("VmHWM") - rss_before) * 1024
     )
-    enc_times = [seconds(step.encoder_step, dev) for _ in range(max(1, steps))]
+    enc_times = [seconds(step.encoder_step, dev, tick) for _ in range(max(1, steps))]
     step_s = statistics.median(times)
     row = {
         "arch": arch,
@@ -97,19 +102,53 @@ def measure(
         "peak_mem_mib": peak / 2**20,
         "step_times": times,
         "amp": amp,
+        "clock": clock,
         "dataflows": step.model.encoder.dataflow_table()
         if hasattr(step.model.encoder, "dataflow_table")
         else None,
     }
     if variant == "dense":
-        reference = timm_step(arch, images, amp)
-        reference.full_step()  # its warm-up
-        pairs = [
-            (seconds(step.full_step, dev), seconds(reference.full_step, dev)) for _ in range(max(1, steps))
-        ]
-        row["timm_step_s"] = statistics.median(t for _, t in pairs)
-        row["vs_timm"] = statistics.median(d for d, _ in pairs) / row["timm_step_s"]
+        row.update(against_timm(step, timm_step(arch, images, amp), dev, max(1, steps), tick))
     return row
+
+
+def against_timm(dense, reference, dev, rounds: int, tick=time.perf_counter) -> dict:
+    """The dense step vs plain timm training, interleaved round by round (a busy host slows both):
+    the whole step vs timm's training step (`vs_timm`: SparK's decoder and its LAMB step count in
+    the dense one only), and the encoder's forward + backward vs timm's `forward_features` +
+    backward (`encoder_vs_timm`: the same network's work, what the sparse and masked-dense rows
+    are compared on). Ratios of medians."""
+    reference.full_step()  # its warm-up
+    whole, encoder = [], []
+    for _ in range(rounds):
+        whole.append((seconds(dense.full_step, dev, tick), seconds(reference.full_step, dev, tick)))
+        encoder.append((seconds(dense.encoder_step, dev, tick), seconds(reference.encoder_step, dev, tick)))
+    out = {}
+    for key, pairs in (("", whole), ("encoder_", encoder)):
+        out[f"timm_{key}step_s"] = statistics.median(t for _, t in pairs)
+        out[f"{key}vs_timm"] = statistics.median(d for d, _ in pairs) / out[f"timm_{key}step_s"]
+    model = dense.model
+    out["decoder_mparams"] = (
+        sum(p.numel() for name, p in model.named_parameters() if not name.startswith("encoder.")) / 1e6
+    )  # densify + decoder: the parameters plain timm does not have
+    return out
+
+
+def timm_line(row: dict) -> str:
+    """The dense row against plain timm in words: the encoder part, the whole step, and what the
+    rest of the step is when the whole step costs more than twice timm's."""
+    text = (
+        f"dense encoder fwd+bwd = x{row['encoder_vs_timm']:.2f} plain timm's forward_features+backward "
+        f"({row['timm_encoder_step_s']:.3f} s); whole dense step = x{row['vs_timm']:.2f} timm's training "
+        f"step ({row['timm_step_s']:.3f} s, interleaved)"
+    )
+    if row["vs_timm"] > 2:
+        text += (
+            f": the rest is SparK's densify + decoder ({row['decoder_mparams']:.1f} M parameters that timm "
+            "does not have, their forward and backward) and the LAMB step over them; a smaller "
+            "--decoder_width shrinks it"
+        )
+    return text
 
 
 def environment(device: str) -> dict:
@@ -168,6 +207,8 @@ def run_isolated(cfg: dict, args) -> dict:
         str(args.decoder_width),
         "--amp",
         args.amp,
+        "--clock",
+        args.clock,
     ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
@@ -220,6 +261,8 @@ def write(out: Path, env: dict, rows: list[dict], args) -> None:
         "peak_mem_mib",
         "timm_step_s",
         "vs_timm",
+        "timm_encoder_step_s",
+        "encoder_vs_timm",
         "error",
     ]
     with open(out / "results.csv", "w", newline="") as fh:
@@ -256,6 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast dtype of the step"
     )
+    p.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="cpu: each process's CPU time, which a busy host's other processes do not stretch "
+        "(meaningful on the CPU, with OMP_NUM_THREADS=1)",
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/latest"), help="results folder")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -280,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             args.device,
             args.decoder_width,
             args.amp,
+            args.clock,
         )
         print(json.dumps(row))
         return 0
@@ -308,11 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["peak_mem_mib"],
             )
             if "vs_timm" in row:
-                log.info(
-                    "    dense step = x%.2f plain timm's training step (%.3f s, interleaved)",
-                    row["vs_timm"],
-                    row["timm_step_s"],
-                )
+                log.info("    %s", timm_line(row))
         write(args.out, env, rows, args)  # partial results survive an interruption
     for row in rows:
         if row.get("dataflows"):

@@ -290,6 +290,19 @@ def setup(with_detectron2: bool = False, install: Install = ONLINE, need_detectr
     detectron2.ensure_detectron2(python, wheel=wheel, pip_options=options, env=offline_env())
 
 
+def parallel_test_args(install: Install = ONLINE) -> list[str]:
+    """pytest-xdist flags: one worker per core (at most 4; each worker imports torch, ME and timm,
+    ~1 GB), whole files per worker so module fixtures are built once. None where xdist is absent
+    (e.g. a GPU node's system packages) or there is one core; a later `-n 0` in the user's
+    arguments turns it off (argparse keeps the last value). tests/conftest.py gives each worker its
+    share of the cores."""
+    workers = min(os.cpu_count() or 1, 4)
+    if workers < 2:
+        return []
+    probe = subprocess.run([str(venv_python(install)), "-c", "import xdist"], capture_output=True)
+    return ["-n", str(workers), "--dist", "loadfile"] if probe.returncode == 0 else []
+
+
 def run_in_venv(args: list[str], install: Install = ONLINE) -> int:
     log.info("running: %s", " ".join(args))
     return subprocess.run([str(venv_python(install)), *args], cwd=ROOT).returncode
@@ -341,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if command == "test":  # detection tests must run here, not skip
         os.environ["SPARK_ME_REQUIRE_DETECTRON2"] = "1"
+        return run_in_venv(["-m", "pytest", *parallel_test_args(install), *rest], install)
     return run_in_venv(jobs[command], install)
 
 

@@ -2,8 +2,25 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`bootstrap test` runs one worker per core, up to 4), each worker gets an
+    equal share of the cores: torch's own threads, and OMP_NUM_THREADS for the processes a test
+    starts (CLI runs, torchrun). Without it every worker would run as many threads as there are
+    cores and the suite would oversubscribe the machine (OpenMP's spinning threads then make steps
+    up to 10x slower). This runs before any test computes, so oneDNN's pool starts at this size.
+    Tests that need a given thread count set it themselves (the 2-thread strided-conv regression
+    in test_dataflows.py runs in a child started with it)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        share = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(share)
+        torch.set_num_threads(share)
 
 
 @pytest.fixture(autouse=True)

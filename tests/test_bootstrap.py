@@ -162,11 +162,31 @@ def test_test_command_makes_detectron2_mandatory(monkeypatch: pytest.MonkeyPatch
         return 0
 
     monkeypatch.setattr(bootstrap, "run_in_venv", run_in_venv)
+    monkeypatch.setattr(bootstrap, "parallel_test_args", lambda install=None: ["-n", "2"])
     assert bootstrap.main(["pretrain", "--epochs", "1"]) == 0
     assert bootstrap.main(["test", "-x", "tests/engine"]) == 0
     assert setups == [False, True]
     assert jobs[0] == (["-m", "spark_me.cli", "pretrain", "--epochs", "1"], "unset-by-test")
-    assert jobs[1] == (["-m", "pytest", "-x", "tests/engine"], "1")
+    assert jobs[1] == (["-m", "pytest", "-n", "2", "-x", "tests/engine"], "1")  # the user's flags win
+
+
+@pytest.mark.parametrize(
+    ("cores", "has_xdist", "expected"),
+    [(2, True, ["-n", "2", "--dist", "loadfile"]), (16, True, ["-n", "4", "--dist", "loadfile"]),
+     (1, True, []), (8, False, [])],
+)  # fmt: skip
+def test_parallel_test_args(monkeypatch: pytest.MonkeyPatch, cores: int, has_xdist: bool, expected) -> None:
+    """One pytest-xdist worker per core, at most 4, and none without xdist in the venv or with one core."""
+    monkeypatch.setattr(bootstrap.os, "cpu_count", lambda: cores)
+    probes = []
+
+    def run(cmd, **_):
+        probes.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0 if has_xdist else 1)
+
+    monkeypatch.setattr(bootstrap.subprocess, "run", run)
+    assert bootstrap.parallel_test_args() == expected
+    assert all(cmd[1:] == ["-c", "import xdist"] for cmd in probes)
 
 
 def test_setup_without_detectron2_flag(monkeypatch: pytest.MonkeyPatch) -> None:

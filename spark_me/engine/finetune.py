@@ -16,7 +16,6 @@ import itertools
 import logging
 import math
 import random
-import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -29,7 +28,6 @@ import yaml
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from spark_me.data.labelled import LabelledImages, find_splits
 from spark_me.engine import checkpoint, distributed
@@ -40,6 +38,7 @@ from spark_me.engine.finetune_setup import build_criterion, build_loaders, build
 from spark_me.engine.finetune_state import FinetuneRun, finish_epoch, full_state, load_resume_state, max_lr
 from spark_me.engine.optim import build_lr_scheduler, scaled_lr
 from spark_me.engine.preemption import PREEMPTED_EXIT, Preempted, StopRequest
+from spark_me.engine.progress import progress
 from spark_me.engine.resume import MidEpochSaver, position_of, refuse_foreign, stop_between_epochs
 from spark_me.engine.transfer import create_model, evaluate, read_source, shard, val_transform
 
@@ -93,14 +92,12 @@ def train_one_epoch(
         mine.restore(env.device)
     else:
         seed_epoch(cfg, epoch, env)
-    bar = tqdm(
+    bar = progress(
         itertools.islice(batches, used - first),
         total=used,
         initial=first,
         desc=f"epoch {epoch + 1}/{cfg.epochs}",
-        disable=not (env.is_main and sys.stderr.isatty()),
-        leave=False,
-        dynamic_ncols=True,
+        enabled=env.is_main,
     )
     for i, (images, labels) in enumerate(bar, start=first):
         images, labels = images.to(env.device, non_blocking=True), labels.to(env.device, non_blocking=True)

@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 import yaml
 from torch.utils.data import ConcatDataset, DataLoader
-from tqdm import tqdm
 
 import converters
 from spark_me.data.images import ImageFiles
@@ -33,6 +32,7 @@ from spark_me.engine.optim import (
     weight_decay_at,
 )
 from spark_me.engine.preemption import PREEMPTED_EXIT, Preempted, StopRequest
+from spark_me.engine.progress import progress
 from spark_me.engine.resume import MidEpochSaver, full_state, position_of, refuse_foreign, stop_between_epochs
 from spark_me.engine.sizes import checkpoint_sizes, mib, numbered_kept, run_bytes
 from spark_me.models.registry import create_encoder, load_factory
@@ -193,14 +193,12 @@ def train_one_epoch(
         mine.restore(env.device)
     else:
         torch.manual_seed(cfg.seed + 1000 * epoch + env.rank)  # masks, drop-path: a function of the epoch
-    bar = tqdm(
+    bar = progress(
         itertools.islice(batches, used - first),
         total=used,
-        initial=first,
         desc=f"epoch {epoch + 1}/{cfg.epochs}",
-        disable=not env.is_main,
-        leave=False,
-        dynamic_ncols=True,
+        enabled=env.is_main,
+        initial=first,
     )
     for i, images in enumerate(bar, start=first):
         images = images.to(env.device, non_blocking=True)

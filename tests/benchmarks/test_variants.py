@@ -40,15 +40,6 @@ def test_loss_cells_counts_every_cell_only_when_nothing_is_masked() -> None:
     assert not loss_cells(torch.ones_like(active)).any()
 
 
-@pytest.fixture
-def one_thread():
-    """Two shared cores: one thread each way keeps the two sides comparable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_dense_step_costs_within_2x_of_plain_timm_training(one_thread) -> None:
     """Dense variant (timm encoder on the whole image + a small decoder + LAMB) vs timm's own
     forward_features + backward + the same LAMB step, interleaved in this process. A small decoder

@@ -12,6 +12,10 @@ image with none between images with some.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,3 +189,50 @@ def test_an_all_masked_batch_is_refused_alike_by_every_dataflow(layer_name: str,
             ValueError, match=r"^no visible site in the batch \(every image is fully masked\)"
         ):
             layer(empty)
+
+
+STRIDED_1X1_CHILD = """
+import torch
+import torch.nn.functional as F
+from spark_me.sparse.tensor import densify, sparsify, upsample_mask
+from spark_me.sparse.tuner import DataflowTuner
+from tests.sparse.test_dataflows import LAYERS, assert_close, candidates, make_mask
+assert torch.get_num_threads() == 2, torch.get_num_threads()
+gen = torch.Generator().manual_seed(0)
+for channels in (8, 12):
+    for dtype in (torch.float32, torch.bfloat16):
+        layer = LAYERS["conv1x1/2"](channels).to(dtype)
+        active = make_mask(gen, 2, (3, 5), "0.6")
+        x = torch.randn(2, channels, 3 * 16, 5 * 16, generator=gen).to(dtype)
+        probe = torch.randn(2, 5, 24, 40, generator=gen).to(dtype)
+        xr = x.double().requires_grad_(True)  # the reference: float64 dense conv, visible sites
+        wr = layer.weight.detach().double().requires_grad_(True)
+        y = F.conv2d(xr * upsample_mask(active, 48, 80), wr, stride=2)
+        y = y * upsample_mask(active, 24, 40)
+        (y * probe.double()).sum().backward()
+        for name in candidates(layer.op):
+            layer.tuner = DataflowTuner(name)
+            layer.zero_grad()
+            xi = x.clone().requires_grad_(True)
+            out = densify(layer(sparsify(xi, active, stride=2)), (2, 5, 24, 40))
+            (out * probe).sum().backward()
+            what = f"{name} {dtype} c={channels}"
+            assert_close(out.detach().double(), y.detach(), 2e-2, what + " forward")
+            assert_close(xi.grad.double(), xr.grad, 2e-2, what + " grad-input")
+            assert_close(layer.weight.grad.double(), wr.grad, 2e-2, what + " grad-weight")
+print("ok")
+"""
+
+
+def test_strided_1x1_backward_with_two_threads() -> None:
+    """torch 2.14's CPU convolution_backward of a 1x1 stride-2 conv on a channels-last input with 2
+    threads corrupts the heap for 8 or 12 input channels on 16-site blocks (the README's findings);
+    the dataflows compute that backward as GEMMs instead. The suite's workers run one thread each
+    (conftest), so this case runs in a child that starts with 2 threads (a thread count set after
+    start-up does not reach oneDNN's pool), in float32 and bf16, against the float64 dense conv."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    child = subprocess.run(
+        [sys.executable, "-c", STRIDED_1X1_CHILD], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert child.returncode == 0 and child.stdout.strip() == "ok", child.stderr[-2000:]
