@@ -6,8 +6,10 @@ and the dtypes, so a before/after comparison of them is exact and repeatable.
 
 Bytes of a call = the sum of the sizes of its tensor arguments as the profiler recorded them
 (`record_shapes=True`): `copy_(dst, src)` counts dst and src, `add_(a, b)` a and b, `fill_(a)` a,
-`cat` its inputs. Composite ops are also listed on their own row: `aten::to` and `contiguous` call
-`copy_` (their bytes appear in both rows), `zeros` calls `zero_` which calls `fill_`.
+`cat` its inputs; an expanded (broadcast) argument counts at its expanded size. Composite ops are
+also listed on their own row: `aten::to` and `contiguous` call `copy_` (their bytes appear in both
+rows) and are counted only when they copy (a `to` or `contiguous` that returns its input moves
+nothing); `zeros` calls `zero_` which calls `fill_`.
 
 Each call is traced to where it comes from: the autograd node that ran it (backward) and the
 innermost Python function of this repository above it (`with_stack=True`), as `file(def line):
@@ -47,6 +49,7 @@ _BYTES = {
     "signed char": 1,
 }
 _SOURCES = ("spark_me/", "benchmarks/")
+_COPIES_IF = {"aten::to": "aten::_to_copy", "aten::contiguous": "aten::clone"}  # composite: copies iff
 
 
 @dataclass
@@ -102,6 +105,8 @@ def measure(fn: Callable[[], object], ops: tuple[str, ...] = TRAFFIC) -> dict[st
     for event in prof.events():
         if not event.name.startswith("aten::"):
             continue
+        if event.name in _COPIES_IF and all(c.name != _COPIES_IF[event.name] for c in event.cpu_children):
+            continue  # returned its input: no copy
         row = table[event.name]
         row.calls += 1
         if event.name in ops:
