@@ -31,6 +31,7 @@ TRAFFIC = (
     "aten::zero_",
     "aten::index_add_",
     "aten::index_copy",
+    "aten::index_copy_",
     "aten::cat",
     "aten::contiguous",
     "aten::clone",
