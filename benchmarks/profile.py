@@ -31,7 +31,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import spark_me
-from benchmarks import traffic
+from benchmarks import machine, traffic
 from spark_me.sparse.tensor import sparsify
 
 
@@ -146,6 +146,7 @@ def traffic_report(args: argparse.Namespace) -> int:
     lines = [
         f"# layout traffic: sparse {args.arch} encoder forward + backward, {args.size} px, batch "
         f"{args.batch_size}, mask {args.mask_ratio}, dataflow {args.dataflow}, torch {torch.__version__}",
+        f"CPU: {machine.cpu_line(machine.cpu())} (counts and bytes do not depend on it; times would)",
         "",
         *traffic.markdown(tables),
         "",
