@@ -73,13 +73,12 @@ class SparseBottleneck(nn.Module):
         nn.init.zeros_(self.bn3.weight)
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
-        if self.downsample is None:  # conv1 and the identity shortcut: one node, one gradient sum
-            x, shortcut = self.conv1.forward_and_identity(x)
-        else:
-            x, shortcut = self.conv1(x), self.downsample(x)
-        x = self.act1(self.bn1(x))
+        shortcut = x
+        x = self.act1(self.bn1(self.conv1(x)))
         x = self.act2(self.bn2(self.conv2(x)))
         x = self.drop_path(self.bn3(self.conv3(x)))
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
         return self.act3(add(x, shortcut))
 
 

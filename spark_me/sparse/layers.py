@@ -27,7 +27,6 @@ from torch import Tensor, nn
 from spark_me.sparse import dataflows
 from spark_me.sparse.dataflows import SparseOp
 from spark_me.sparse.geometry import layout_of
-from spark_me.sparse.residual import pointwise_and_identity
 from spark_me.sparse.sync_batchnorm import sync_batch_norm_rows, synchronised
 from spark_me.sparse.tuner import DataflowTuner, rule_for
 
@@ -97,18 +96,6 @@ class SparseConv2d(_TunedOp):
             feats = F.linear(x.F, self.weight.view(self.out_channels, self.in_channels), self.bias)
             return with_features(x, feats)
         return self.run_op(x, self.weight, self.bias)
-
-    def forward_and_identity(self, x: ME.SparseTensor) -> tuple[ME.SparseTensor, ME.SparseTensor]:
-        """(self(x), x) for a block whose input feeds this conv and an identity shortcut: a 1x1/1
-        conv without bias whose input is already in the GEMM's dtype returns them as one autograd
-        node, so that the two gradients of `x` are summed by the GEMM (residual.py), not by an add_."""
-        dtype = dataflows.compute_dtype(x.F, self.op)
-        if self.kernel_size != 1 or self.stride != 1 or self.bias is not None or x.F.dtype != dtype:
-            return self(x), x
-        self.last_dataflow = "pointwise"
-        weight = self.weight.view(self.out_channels, self.in_channels).to(dtype)
-        feats, shortcut = pointwise_and_identity(x.F, weight)
-        return with_features(x, feats), with_features(x, shortcut)
 
     def extra_repr(self) -> str:
         return (
