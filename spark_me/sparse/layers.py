@@ -1,7 +1,8 @@
 """Sparse layers on MinkowskiEngine whose parameters are named and shaped exactly like torch's.
 
-`SparseConv2d.weight` is `[out, in, k, k]` like `nn.Conv2d.weight` (re-laid out into ME's
-`[k*k, in, out]` kernel only when ME's own function runs). So an encoder built from these layers
+`SparseConv2d.weight` is `[out, in, k, k]` like `nn.Conv2d.weight` (channels-last in memory, the
+dataflows' layout; re-laid out into ME's `[k*k, in, out]` kernel only when ME's own function
+runs). So an encoder built from these layers
 has the same `state_dict` as its timm twin, and export to timm is a key-for-key copy. Convs,
 depthwise convs and max-pools say what they compute (`SparseOp`) and run whichever dataflow
 (dataflows.py) their tuner (tuner.py) picks.
