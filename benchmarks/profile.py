@@ -141,7 +141,8 @@ def traffic_report(args: argparse.Namespace) -> int:
         autocast = torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
         with autocast:
             encoder_step()  # warm-up: dataflow choices, kernel builds
-            tables[label] = traffic.measure(encoder_step)
+            itemsize = torch.finfo(dtype or torch.float32).bits // 8  # of cat's tensor lists
+            tables[label] = traffic.measure(encoder_step, list_itemsize=itemsize)
     flows = sorted({(op, flow) for _, op, flow in encoder.dataflow_table()})
     lines = [
         f"# layout traffic: sparse {args.arch} encoder forward + backward, {args.size} px, batch "

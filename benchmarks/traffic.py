@@ -6,7 +6,9 @@ and the dtypes, so a before/after comparison of them is exact and repeatable.
 
 Bytes of a call = the sum of the sizes of its tensor arguments as the profiler recorded them
 (`record_shapes=True`): `copy_(dst, src)` counts dst and src, `add_(a, b)` a and b, `fill_(a)` a,
-`cat` its inputs; an expanded (broadcast) argument counts at its expanded size. Composite ops are
+`cat` its inputs (the profiler records a tensor list's shapes but not its dtype: they count at
+`list_itemsize` bytes, the run's float dtype); an expanded (broadcast) argument counts at its
+expanded size. Composite ops are
 also listed on their own row: `aten::to` and `contiguous` call `copy_` (their bytes appear in both
 rows) and are counted only when they copy (a `to` or `contiguous` that returns its input moves
 nothing); `zeros` calls `zero_` which calls `fill_`.
@@ -69,11 +71,12 @@ def _numel(shape) -> int:
     return n
 
 
-def call_bytes(shapes: list, dtypes: list[str]) -> int:
-    """Sum of the sizes of a call's tensor arguments (a TensorList's shapes come as a list of lists)."""
+def call_bytes(shapes: list, dtypes: list[str], list_itemsize: int = 4) -> int:
+    """Sum of the sizes of a call's tensor arguments (a TensorList's shapes come as a list of lists,
+    its dtype as 'TensorList': its elements count at `list_itemsize` bytes)."""
     total = 0
     for shape, dtype in zip(shapes, dtypes, strict=False):
-        size = _BYTES.get(dtype)
+        size = list_itemsize if dtype == "TensorList" else _BYTES.get(dtype)
         if size is None or not shape:
             continue
         if isinstance(shape[0], list):  # TensorList
@@ -97,9 +100,12 @@ def _source(event) -> str:
     return f"{node or 'forward'} | {frame or '?'}"
 
 
-def measure(fn: Callable[[], object], ops: tuple[str, ...] = TRAFFIC) -> dict[str, OpTraffic]:
+def measure(
+    fn: Callable[[], object], ops: tuple[str, ...] = TRAFFIC, list_itemsize: int = 4
+) -> dict[str, OpTraffic]:
     """Run `fn` once under the profiler; calls, bytes and sources of every op in `ops`, plus the call
-    count of every other aten op (bytes 0)."""
+    count of every other aten op (bytes 0). Tensor lists (`cat`'s inputs) count at `list_itemsize`
+    bytes per element."""
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_stack=True) as prof:
         fn()
     table: dict[str, OpTraffic] = defaultdict(OpTraffic)
@@ -111,7 +117,8 @@ def measure(fn: Callable[[], object], ops: tuple[str, ...] = TRAFFIC) -> dict[st
         row = table[event.name]
         row.calls += 1
         if event.name in ops:
-            nbytes = call_bytes(event.input_shapes, event.input_dtypes)
+            shapes = getattr(event, "structured_input_shapes", None) or event.input_shapes
+            nbytes = call_bytes(shapes, event.input_dtypes, list_itemsize)
             row.nbytes += nbytes
             src = row.sources[_source(event)]
             src[0] += 1
