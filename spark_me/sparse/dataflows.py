@@ -130,7 +130,7 @@ def _strided_pointwise_backward(grad: Tensor, g: Tensor, weight: Tensor, stride:
     rows = grad.permute(0, 2, 3, 1).reshape(-1, out_ch)  # [n*ho*wo, O]
     grad_g = grad_w = None
     if needs[0]:
-        grad_g = g.new_zeros(g.shape).contiguous(memory_format=torch.channels_last)
+        grad_g = torch.zeros_like(g, memory_format=torch.channels_last)
         sampled = (rows @ w).view(grad.shape[0], grad.shape[2], grad.shape[3], in_ch).permute(0, 3, 1, 2)
         grad_g[:, :, ::stride, ::stride] = sampled
     if needs[1]:
@@ -174,7 +174,7 @@ class _Dense(_ConvKernel):
         batch = layout.geometry.active.shape[0]
         height, width = layout.dense_hw
         canvas = rows.new_full((batch * height * width, rows.shape[1]), fill)
-        canvas = canvas.index_copy(0, layout.dense_index(), rows)
+        canvas.index_copy_(0, layout.dense_index(), rows)  # in place: the canvas is ours (no 2nd copy)
         return canvas.view(batch, height, width, -1).permute(0, 3, 1, 2)
 
     def gather(self, feats: Tensor) -> Tensor:
@@ -205,7 +205,8 @@ class _Gemm(_Flow):
 
     @staticmethod
     def _matrix(weight: Tensor) -> Tensor:
-        """[out, in, k, k] -> [k*k*in, out] in the columns' (ky, kx, c) order."""
+        """[out, in, k, k] -> [k*k*in, out] in the columns' (ky, kx, c) order (a free view of a
+        channels-last weight, as `SparseConv2d` keeps it; a copy of an NCHW one)."""
         return weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[0])
 
     def kernel(self, g: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -217,7 +218,9 @@ class _Gemm(_Flow):
         grad_w = None
         if needs[1]:
             k = self.op.kernel_size
-            grad_w = (g.t() @ grad).view(k, k, self.op.in_channels, -1).permute(3, 2, 0, 1)
+            # [out, k*k*in] viewed as [out, k, k, in] -> [out, in, k, k] is channels-last: the
+            # weight's own layout, so AccumulateGrad takes it without a copy
+            grad_w = (grad.t() @ g).view(-1, k, k, self.op.in_channels).permute(0, 3, 1, 2)
         return grad_g, grad_w, grad.sum(0) if needs[2] else None
 
 

@@ -1,7 +1,8 @@
 """Sparse layers on MinkowskiEngine whose parameters are named and shaped exactly like torch's.
 
-`SparseConv2d.weight` is `[out, in, k, k]` like `nn.Conv2d.weight` (re-laid out into ME's
-`[k*k, in, out]` kernel only when ME's own function runs). So an encoder built from these layers
+`SparseConv2d.weight` is `[out, in, k, k]` like `nn.Conv2d.weight` (channels-last in memory, the
+dataflows' layout; re-laid out into ME's `[k*k, in, out]` kernel only when ME's own function
+runs). So an encoder built from these layers
 has the same `state_dict` as its timm twin, and export to timm is a key-for-key copy. Convs,
 depthwise convs and max-pools say what they compute (`SparseOp`) and run whichever dataflow
 (dataflows.py) their tuner (tuner.py) picks.
@@ -73,7 +74,13 @@ class SparseConv2d(_TunedOp):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride = kernel_size, stride
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
+        # Channels-last, the layout the dataflows' kernels want: oneDNN's convs on the channels-last
+        # maps of `block` / `dense` would copy an NCHW weight in forward and in backward and hand back
+        # a channels-last gradient that AccumulateGrad copies again (3 weight-sized copies per conv and
+        # step), and `gemm`'s [k*k*in, out] matrix is a free view of it. Same shape and values as
+        # nn.Conv2d's weight, so the state_dict is unchanged.
+        shape = (out_channels, in_channels, kernel_size, kernel_size)
+        self.weight = nn.Parameter(torch.empty(shape, memory_format=torch.channels_last))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         self.op = SparseOp("conv", kernel_size, stride, in_channels, out_channels)
         self.reset_parameters()
