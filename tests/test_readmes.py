@@ -43,6 +43,8 @@ import pytest
 
 from ._labelled import make_labelled_set
 
+pytestmark = pytest.mark.heavy  # whole commands in child processes: scheduled first (conftest)
+
 ROOT = Path(__file__).resolve().parents[1]
 SKIP = re.compile(r"#\s*doc-test:\s*skip\b\s*(?:\((?P<reason>[^)]*)\))?")
 # a fenced block, also indented under a list item: ```lang ... ``` with the same indent
@@ -56,12 +58,13 @@ SHRINK: dict[str, list[str]] = {
     key: flags.split()
     for key, flags in {
         "spark-me pretrain": "--epochs 1 --input_size 64 --batch_size 2 --decoder_width 32 "
-        "--num_workers 0 --repeat 1 --val_every 0 --recon_every 1",
+        "--num_workers 0 --repeat 1 --val_every 0 --recon_every 1 --dataflow rules",
         "spark-me bench": "--sizes 64 --steps 1 --warmup 0 --batch_size 1 --decoder_width 32",
         "spark-me reconstruct": "--input_size 64",
         "spark-me finetune": "--epochs 1 --input_size 32 --batch_size 16 --num_workers 0",
         "spark-me probe": "--epochs 1 --input_size 32 --batch_size 16 --num_workers 0",
-        "python -m benchmarks.encoder": "--size 64 --batch_size 1 --repeats 1",
+        "python -m benchmarks.encoder": "--size 64 --batch_size 1 --repeats 1 --dataflow rules",
+        "python -m benchmarks.depthwise": "--size 64 --batch_size 1 --repeats 1",
         "python -m benchmarks.profile": "--size 64 --batch_size 1 --repeat 1",
     }.items()
 }

@@ -158,6 +158,7 @@ def run_bootstrap(python: Path, args: list[str], env: dict) -> subprocess.Comple
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.heavy
 def test_offline_install_with_the_system_torch_then_smoke(
     bundle311: Path, torch_interpreter: Path, tmp_path: Path
 ) -> None:

@@ -29,6 +29,8 @@ from spark_me.engine.preemption import PREEMPTED_EXIT, StopRequest
 from .conftest import TINY_RUN
 from .test_distributed import free_port
 
+pytestmark = pytest.mark.heavy  # whole commands in child processes: scheduled first (conftest)
+
 # 12 photographs x 2 = 24 samples: 6 batches of 4 an epoch; the dataflow choice is fixed (rules)
 # because measured choices may differ between two processes, and so would the rounding
 RUN = [*TINY_RUN, "--repeat", "2", "--epochs", "2", "--dataflow", "rules", "--lr", "2e-3",

@@ -20,6 +20,8 @@ from spark_me.engine.config import resolve
 
 from .conftest import TINY_RUN
 
+pytestmark = pytest.mark.heavy  # whole commands in child processes: scheduled first (conftest)
+
 TINY = TINY_RUN
 
 

@@ -32,6 +32,8 @@ from tests._labelled import make_labelled_set
 from .test_distributed import free_port
 from .test_preemption import SIGTERM_AT, Crash, assert_same_state, child_env, load, one_thread, read_log
 
+pytestmark = pytest.mark.heavy  # whole commands in child processes: scheduled first (conftest)
+
 __all__ = ["one_thread"]  # a fixture used below
 
 FAST = ["--arch", "resnet18", "--input_size", "32", "--batch_size", "8", "--epochs", "2",
