@@ -42,6 +42,7 @@ def compare(arch: str, size: int, width: int, batch: int, ratio: float, repeats:
     import spark_me
     from spark_me.engine.compiled import compile_seconds
 
+    torch._dynamo.reset()  # compile this configuration anew (not from an earlier one's graphs)
     torch.manual_seed(0)
     model = spark_me.SparK(spark_me.create_encoder(arch), decoder_width=width, mask_ratio=ratio)
     optimizer = Lamb(model.parameters(), lr=1e-4)

@@ -256,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="torch.compile the dense stages (mask-token fill and projections, decoder, loss); the "
         "sparse encoder stays eager. Compiles at the first step (its seconds are logged) and not "
-        "again for new masks. Pays on GPUs; on CPUs measure first (README)",
+        "again for new masks. Off by default: on CPUs it did not pay everywhere (README); measure "
+        "with python -m benchmarks.compiled_step",
     )
     add(
         "--compile_backend",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 
@@ -41,12 +40,6 @@ def normalized_patches(images: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tenso
     mean = target.mean(dim=-1, keepdim=True)
     std = (target.var(dim=-1, keepdim=True, unbiased=True) + eps).sqrt()
     return (target - mean) / std, mean, std
-
-
-def stage(name: str):
-    """A torch.profiler label for an eager stage; none while torch.compile traces (it would only
-    warn that it ignores it)."""
-    return nullcontext() if torch.compiler.is_compiling() else record_function(name)
 
 
 @dataclass
@@ -164,15 +157,12 @@ class SparK(nn.Module):
         self, rows: list[Tensor], where: list[Tensor], images: Tensor, active: Tensor
     ) -> tuple[Tensor, Tensor]:
         """Everything after the sparse encoder and densify's norms, in plain torch: mask-token fill
-        and projections, decoder, loss. Returns (loss, pred [B, 3, H, W]). This is the part that
-        `compile_dense_stages` compiles; the eager and compiled steps both run this code."""
-        with stage("spark.fill"):
-            to_dec = self.fill_and_project(rows, where, images.shape[0], images.shape[-2:])
-        with stage("spark.decode"):
-            pred = self.decode(to_dec)
-        with stage("spark.loss"):
-            loss = self.loss(images, pred, active)
-        return loss, pred
+        and projections, decoder, loss. Returns (loss, pred [B, 3, H, W]). This is what
+        `compile_dense_stages` compiles; the eager step runs the same methods (densify's second
+        half, decode, loss), one profiler label each."""
+        to_dec = self.fill_and_project(rows, where, images.shape[0], images.shape[-2:])
+        pred = self.decode(to_dec)
+        return self.loss(images, pred, active), pred
 
     def compile_dense_stages(self, **options) -> None:
         """Run `dense_stages` through `torch.compile(**options)` from now on (the encoder stays
@@ -183,6 +173,8 @@ class SparK(nn.Module):
         unbound function is compiled (self is an argument), so no wrapper module enters the model:
         state_dict keys stay those of the eager model, and a copy of the model stays independent.
         """
+        if type(self).densify is not SparK.densify or type(self).encode is not SparK.encode:
+            raise TypeError(f"{type(self).__name__} has its own encode/densify: dense_stages would not match")
         self._compiled_stages = torch.compile(type(self).dense_stages, **options)
 
     @property
@@ -198,11 +190,16 @@ class SparK(nn.Module):
         active = active.to(images.device, torch.bool)
         with record_function("spark.encode"):  # stage names show up in torch.profiler traces
             feats = self.encode(images, active)
-        with record_function("spark.densify"):
-            rows, where = self.densify_rows(feats, active, images.shape[-2:])
         if self._compiled_stages is None:
-            loss, pred = self.dense_stages(rows, where, images, active)
+            with record_function("spark.densify"):
+                to_dec = self.densify(feats, active, images.shape[-2:])
+            with record_function("spark.decode"):
+                pred = self.decode(to_dec)
+            with record_function("spark.loss"):
+                loss = self.loss(images, pred, active)
         else:
+            with record_function("spark.densify"):
+                rows, where = self.densify_rows(feats, active, images.shape[-2:])
             for t in (*rows, *where):  # N_i: symbolic, not a constant to guard on
                 torch._dynamo.maybe_mark_dynamic(t, 0)
             loss, pred = self._compiled_stages(self, rows, where, images, active)

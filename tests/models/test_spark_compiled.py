@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch._dynamo.utils import counters
 
@@ -92,3 +93,16 @@ def test_a_new_mask_does_not_recompile_and_state_dict_keys_stay(gen) -> None:
     assert not counters["recompiles"]
     keys = list(compiled.state_dict())
     assert keys == list(eager.state_dict()) and not any("_orig_mod" in k for k in keys)
+
+
+def test_a_model_with_its_own_densify_is_not_compiled(gen) -> None:
+    """A subclass that densifies differently (e.g. the masked-dense benchmark variant) would be
+    compiled through SparK's own dense stages, silently changing it: refused instead."""
+
+    class OwnDensify(spark_me.SparK):
+        def densify(self, feats, active, image_hw):
+            return super().densify(feats, active, image_hw)
+
+    model = OwnDensify(spark_me.create_encoder("resnet18"), decoder_width=32)
+    with pytest.raises(TypeError, match="OwnDensify has its own encode/densify"):
+        model.compile_dense_stages(backend="eager")
