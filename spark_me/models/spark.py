@@ -177,10 +177,6 @@ class SparK(nn.Module):
             raise TypeError(f"{type(self).__name__} has its own encode/densify: dense_stages would not match")
         self._compiled_stages = torch.compile(type(self).dense_stages, **options)
 
-    @property
-    def compiled(self) -> bool:
-        return self._compiled_stages is not None
-
     # -- entry points ---------------------------------------------------------------------------
     def forward_all(self, images: Tensor, active: Tensor | None = None) -> SparKOutput:
         """images [B, 3, H, W] (normalised); active [B, H/32, W/32] or None for a random mask."""
