@@ -32,6 +32,7 @@ from spark_me.engine.config_input import output_dir_problem, read_config_file, y
 from spark_me.masking import PATCH, keep_count
 
 MAX_WORKERS = 8  # data-loader processes by default, at most (one per available core below that)
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")  # --compile_backend: code generation, or tracing only
 
 
 def default_workers() -> int:
@@ -77,6 +78,8 @@ class PretrainConfig:
     amp_dtype: str = "bf16"  # bf16 | fp16 (fp16 uses a GradScaler)
     sync_bn: bool = True  # under DDP: BN statistics over all processes (encoder, densify, decoder)
     dataflow: str = "auto"  # sparse ops: auto (measured per layer) | rules | block | dense | gemm | me
+    compile: bool = False  # torch.compile the dense stages (fill, projections, decoder, loss)
+    compile_backend: str = "inductor"  # inductor | aot_eager | eager (the last two: debugging)
     # bookkeeping
     output_dir: str = "output"
     log_dir: str | None = None  # tensorboard; default: output_dir/tb
@@ -247,6 +250,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="how sparse convs are computed: auto measures each layer's fastest dataflow at its first "
         "use (cached in output_dir/dataflows.json); 'me' is MinkowskiEngine's own (float32) function",
     )
+    add(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the dense stages (mask-token fill and projections, decoder, loss); the "
+        "sparse encoder stays eager. Compiles at the first step (its seconds are logged) and not "
+        "again for new masks. Off by default: on CPUs it did not pay everywhere (README); measure "
+        "with python -m benchmarks.compiled_step",
+    )
+    add(
+        "--compile_backend",
+        choices=COMPILE_BACKENDS,
+        help="torch.compile backend with --compile: inductor (C++/OpenMP on CPUs, Triton on GPUs); "
+        "aot_eager and eager trace without generating code (to debug)",
+    )
     add("--output_dir", help="checkpoints, exports, logs, pictures")
     add("--log_dir", help="tensorboard folder")
     add("--save_every", type=int, help="keep checkpoint-NNNN.pth every N epochs (0: checkpoint-last only)")
@@ -387,6 +405,10 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
         for name in ABOVE_ZERO
         if getattr(cfg, name) is not None and getattr(cfg, name) <= 0
     ]
+    if cfg.compile_backend not in COMPILE_BACKENDS:  # a YAML file bypasses argparse's choices
+        problems.append(
+            f"--compile_backend {cfg.compile_backend!r}: must be one of {', '.join(COMPILE_BACKENDS)}"
+        )
     if cfg.drop_path is not None and not 0.0 <= cfg.drop_path < 1.0:
         problems.append(f"--drop_path {cfg.drop_path}: must be in [0, 1)")
     problems += [

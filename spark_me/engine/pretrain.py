@@ -19,6 +19,7 @@ import converters
 from spark_me.data.images import ImageFiles
 from spark_me.data.transforms import eval_transform, pretrain_transform
 from spark_me.engine import checkpoint, distributed
+from spark_me.engine.compiled import compile_dense_stages, with_report
 from spark_me.engine.config import DROP_PATH, PretrainConfig
 from spark_me.engine.distributed import DistEnv
 from spark_me.engine.epoch_position import EpochPosition, ResumableSampler, SeededSamples
@@ -318,6 +319,7 @@ def _run(cfg: PretrainConfig, env: DistEnv, output: Path, stop: StopRequest) -> 
 
     if env.distributed and cfg.sync_bn:  # encoder, densify and decoder BNs: statistics of all processes
         convert_sync_batchnorm(model)
+    report = compile_dense_stages(model, cfg.compile_backend) if cfg.compile else None
     ddp = distributed.wrap(model, env)
     writer = None
     if env.is_main:
@@ -338,8 +340,9 @@ def _run(cfg: PretrainConfig, env: DistEnv, output: Path, stop: StopRequest) -> 
         sampler.set_epoch(epoch, at.batch * cfg.batch_size if at else 0, at.order if at else None)
         epoch_start = time.monotonic()
         saver = MidEpochSaver(cfg.save_every_steps, env, output, stop, state_of, sampler, layout, epoch)
+        boundary = with_report(report if env.is_main else None, saver)
         loss, step = train_one_epoch(
-            ddp, loader, optimizer, lr_sched, scaler, cfg, env, epoch, step, total_steps, writer, at, saver
+            ddp, loader, optimizer, lr_sched, scaler, cfg, env, epoch, step, total_steps, writer, at, boundary
         )
         if env.is_main:
             stats = {
@@ -360,6 +363,8 @@ def _run(cfg: PretrainConfig, env: DistEnv, output: Path, stop: StopRequest) -> 
             checkpoint.save(output, state_of(epoch, step), epoch + 1, numbered, cfg.keep_last)
             if (epoch + 1) % cfg.recon_every == 0 or epoch + 1 == cfg.epochs:
                 save_pictures(model, output, epoch + 1, pictures, validation, cfg.seed)
+            if report:  # the first step's compile, if the epoch had one step; evaluation's compile
+                report()
             elapsed = time.monotonic() - started
             eta = elapsed / (epoch + 1 - start_epoch) * (cfg.epochs - epoch - 1)
             log.info(

@@ -14,7 +14,7 @@ from spark_me.masking import PATCH, random_mask
 from spark_me.models.decoder import LightDecoder
 from spark_me.models.encoder import SparseEncoder, check_mask
 from spark_me.sparse.layers import SparseBatchNorm2d, SparseLayerNorm, with_features
-from spark_me.sparse.tensor import densify, sparsify, upsample_mask
+from spark_me.sparse.tensor import dense_rows, scatter_rows, sparsify, upsample_mask
 
 MASK_TOKEN_STD = 0.02  # mask tokens: trunc-normal with this std, truncated at +-this value
 
@@ -78,6 +78,7 @@ class SparK(nn.Module):
             for i, (c, d) in enumerate(zip(enc_channels, widths, strict=True))
         )
         self.decoder = LightDecoder(decoder_width, up_ratio=PATCH)
+        self._compiled_stages = None  # set by compile_dense_stages (not a submodule: no state)
         # As the official code: the projections keep torch's default Conv2d init (it never
         # re-initialises them); mask tokens are trunc-normal .02 cut at +-.02 (torch's a/b are
         # absolute values, so the defaults +-2 would cut nothing at this std).
@@ -100,8 +101,16 @@ class SparK(nn.Module):
         self, feats: list[ME.SparseTensor], active: Tensor, image_hw: tuple[int, int]
     ) -> list[Tensor]:
         """Sparse maps (strides 4..32) -> dense decoder inputs (strides 32..4), holes = mask token."""
+        rows, where = self.densify_rows(feats, active, image_hw)
+        return self.fill_and_project(rows, where, active.shape[0], image_hw)
+
+    def densify_rows(
+        self, feats: list[ME.SparseTensor], active: Tensor, image_hw: tuple[int, int]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """Densify's first half, on MinkowskiEngine tensors (never compiled): per scale from stride
+        32 to 4, the normalised features [N_i, C_i] and their rows [N_i] in the dense map."""
         height, width = image_hw
-        out = []
+        rows, where = [], []
         for i, x in enumerate(reversed(feats)):
             stride = PATCH // 2**i
             shape = (active.shape[0], x.F.shape[1], height // stride, width // stride)
@@ -109,7 +118,22 @@ class SparK(nn.Module):
                 if x.F.dtype not in (torch.float32, torch.float64):
                     x = with_features(x, x.F.float())
                 x = self.densify_norms[i](x)
-            dense = densify(x, shape, fill=self.mask_tokens[i])  # holes = mask token
+            rows.append(x.F)
+            where.append(dense_rows(x, shape))
+        return rows, where
+
+    def fill_and_project(
+        self, rows: list[Tensor], where: list[Tensor], batch: int, image_hw: tuple[int, int]
+    ) -> list[Tensor]:
+        """Densify's second half, plain torch (what `--compile` compiles): rows [N_i, C_i] at
+        `where` [N_i], the scale's mask token elsewhere, then the projection to the decoder width.
+        Returns [B, d_i, H/s, W/s] for s = 32, 16, 8, 4."""
+        height, width = image_hw
+        out = []
+        for i, (feats, index) in enumerate(zip(rows, where, strict=True)):
+            stride = PATCH // 2**i
+            shape = (batch, feats.shape[1], height // stride, width // stride)
+            dense = scatter_rows(feats, index, shape, fill=self.mask_tokens[i])  # holes = mask token
             # The decoder's memory format: NCHW on the CPU, where its convs ran 20 % slower
             # channels-last (benchmarks/README.md); channels-last on GPUs, as cuDNN prefers.
             fmt = torch.channels_last if dense.is_cuda else torch.contiguous_format
@@ -122,10 +146,36 @@ class SparK(nn.Module):
 
     def loss(self, images: Tensor, pred: Tensor, active: Tensor) -> Tensor:
         """MSE against per-patch normalised pixels, averaged over masked patches only."""
-        target, _, _ = normalized_patches(images.float())
-        per_patch = (patchify(pred.float()) - target).pow(2).mean(dim=-1)  # [B, L]
-        masked = (~active).flatten(1).float()
+        # at least float32 (bf16/fp16 predictions under autocast), float64 kept as float64
+        dtype = torch.promote_types(torch.promote_types(pred.dtype, images.dtype), torch.float32)
+        target, _, _ = normalized_patches(images.to(dtype))
+        per_patch = (patchify(pred.to(dtype)) - target).pow(2).mean(dim=-1)  # [B, L]
+        masked = (~active).flatten(1).to(dtype)
         return (per_patch * masked).sum() / (masked.sum() + 1e-8)
+
+    def dense_stages(
+        self, rows: list[Tensor], where: list[Tensor], images: Tensor, active: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Everything after the sparse encoder and densify's norms, in plain torch: mask-token fill
+        and projections, decoder, loss. Returns (loss, pred [B, 3, H, W]). This is what
+        `compile_dense_stages` compiles; the eager step runs the same methods (densify's second
+        half, decode, loss), one profiler label each."""
+        to_dec = self.fill_and_project(rows, where, images.shape[0], images.shape[-2:])
+        pred = self.decode(to_dec)
+        return self.loss(images, pred, active), pred
+
+    def compile_dense_stages(self, **options) -> None:
+        """Run `dense_stages` through `torch.compile(**options)` from now on (the encoder stays
+        eager: MinkowskiEngine's ops cannot be traced).
+
+        The number of visible sites N_i varies from mask to mask; those dimensions are marked
+        dynamic at every call, so a new mask reuses the compiled code instead of recompiling. The
+        unbound function is compiled (self is an argument), so no wrapper module enters the model:
+        state_dict keys stay those of the eager model, and a copy of the model stays independent.
+        """
+        if type(self).densify is not SparK.densify or type(self).encode is not SparK.encode:
+            raise TypeError(f"{type(self).__name__} has its own encode/densify: dense_stages would not match")
+        self._compiled_stages = torch.compile(type(self).dense_stages, **options)
 
     # -- entry points ---------------------------------------------------------------------------
     def forward_all(self, images: Tensor, active: Tensor | None = None) -> SparKOutput:
@@ -136,12 +186,19 @@ class SparK(nn.Module):
         active = active.to(images.device, torch.bool)
         with record_function("spark.encode"):  # stage names show up in torch.profiler traces
             feats = self.encode(images, active)
-        with record_function("spark.densify"):
-            to_dec = self.densify(feats, active, images.shape[-2:])
-        with record_function("spark.decode"):
-            pred = self.decode(to_dec)
-        with record_function("spark.loss"):
-            loss = self.loss(images, pred, active)
+        if self._compiled_stages is None:
+            with record_function("spark.densify"):
+                to_dec = self.densify(feats, active, images.shape[-2:])
+            with record_function("spark.decode"):
+                pred = self.decode(to_dec)
+            with record_function("spark.loss"):
+                loss = self.loss(images, pred, active)
+        else:
+            with record_function("spark.densify"):
+                rows, where = self.densify_rows(feats, active, images.shape[-2:])
+            for t in (*rows, *where):  # N_i: symbolic, not a constant to guard on
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+            loss, pred = self._compiled_stages(self, rows, where, images, active)
         return SparKOutput(loss, pred, active)
 
     def forward(self, images: Tensor, active: Tensor | None = None) -> Tensor:

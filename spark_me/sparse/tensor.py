@@ -90,20 +90,35 @@ def densify(
     Channels-last because that is the layout the sites already have ([N, C] rows): writing them
     needs no transpose, and dense convs run at least as fast on it.
     """
-    batch, channels, height, width = shape
-    feats = x.F
-    if feats.shape[1] != channels:
-        raise ValueError(f"sparse tensor has {feats.shape[1]} channels, shape asks for {channels}")
+    if x.F.shape[1] != shape[1]:
+        raise ValueError(f"sparse tensor has {x.F.shape[1]} channels, shape asks for {shape[1]}")
+    return scatter_rows(x.F, dense_rows(x, shape), shape, fill)
+
+
+def dense_rows(x: ME.SparseTensor, shape: tuple[int, int, int, int] | torch.Size) -> Tensor:
+    """[N] long: where each row of `x.F` lands in the flattened (B, H, W) sites of the dense `shape`."""
+    batch, _, height, width = shape
     layout = layout_of(x)
     if layout is not None and layout.dense_hw == (height, width) and layout.geometry.active.shape[0] == batch:
-        rows = layout.dense_index()
-    else:
-        stride = x.tensor_stride[0]
-        coords = x.C.long().to(feats.device)
-        b, y, xx = coords[:, 0], coords[:, 1] // stride, coords[:, 2] // stride
-        if coords.numel() and (y.max() >= height or xx.max() >= width or b.max() >= batch):
-            raise ValueError(f"sparse sites fall outside the dense shape {tuple(shape)}")
-        rows = (b * height + y) * width + xx
+        return layout.dense_index()
+    stride = x.tensor_stride[0]
+    coords = x.C.long().to(x.F.device)
+    b, y, xx = coords[:, 0], coords[:, 1] // stride, coords[:, 2] // stride
+    if coords.numel() and (y.max() >= height or xx.max() >= width or b.max() >= batch):
+        raise ValueError(f"sparse sites fall outside the dense shape {tuple(shape)}")
+    return (b * height + y) * width + xx
+
+
+def scatter_rows(
+    feats: Tensor, rows: Tensor, shape: tuple[int, int, int, int] | torch.Size, fill: Tensor | None = None
+) -> Tensor:
+    """feats [N, C] written at `rows` [N] of a dense [B, C, H, W] map (channels-last memory) that
+    holds `fill` [C] (default 0) elsewhere.
+
+    Plain torch on plain tensors (no MinkowskiEngine object), so that `torch.compile` can trace it
+    with N symbolic: a new mask, hence a new number of visible sites, reuses the compiled kernels.
+    """
+    batch, channels, height, width = shape
     if fill is None:
         canvas = feats.new_zeros(batch * height * width, channels)
     else:
