@@ -31,6 +31,7 @@ def fresh_dynamo() -> None:
     counters.clear()
 
 
+@pytest.mark.heavy  # inductor generates and compiles C++: started first under xdist
 def test_compiled_step_equals_eager_in_float64(gen) -> None:
     """One training step, loss and every gradient and BN running statistic, compiled (inductor)
     against eager in float64. Tolerance 1e-10 relative: the sparse encoder (eager in both) already
