@@ -292,8 +292,10 @@ def setup(with_detectron2: bool = False, install: Install = ONLINE, need_detectr
 
 def parallel_test_args(install: Install = ONLINE) -> list[str]:
     """pytest-xdist flags: a worker per core and one more (at most 4; each imports torch, ME and timm,
-    ~1 GB), tests handed out one by one (the `heavy` ones first, see tests/conftest.py), so no
-    worker is left alone with one long file at the end. None where xdist is absent
+    ~1 GB), tests dealt out by work stealing (`heavy` ones first, see tests/conftest.py): an idle
+    worker takes half of the busiest one's queue, so no worker is left alone with the long tests at
+    the end (`--dist load` hands each worker a contiguous first batch: one got every heavy test).
+    None where xdist is absent
     (e.g. a GPU node's system packages) or there is one core; a later `-n 0` in the user's
     arguments turns it off (argparse keeps the last value). tests/conftest.py gives each worker its
     share of the cores."""
@@ -302,7 +304,7 @@ def parallel_test_args(install: Install = ONLINE) -> list[str]:
         return []
     workers = min(cores + 1, 4)  # one more than the cores: tests that wait on child processes leave gaps
     probe = subprocess.run([str(venv_python(install)), "-c", "import xdist"], capture_output=True)
-    return ["-n", str(workers), "--dist", "load"] if probe.returncode == 0 else []
+    return ["-n", str(workers), "--dist", "worksteal"] if probe.returncode == 0 else []
 
 
 def run_in_venv(args: list[str], install: Install = ONLINE) -> int:
