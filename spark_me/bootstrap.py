@@ -291,20 +291,18 @@ def setup(with_detectron2: bool = False, install: Install = ONLINE, need_detectr
 
 
 def parallel_test_args(install: Install = ONLINE) -> list[str]:
-    """pytest-xdist flags: a worker per core and one more (at most 4; each imports torch, ME and timm,
-    ~1 GB), tests dealt out by work stealing (`heavy` ones first, see tests/conftest.py): an idle
-    worker takes half of the busiest one's queue, so no worker is left alone with the long tests at
-    the end (`--dist load` hands each worker a contiguous first batch: one got every heavy test).
-    None where xdist is absent
-    (e.g. a GPU node's system packages) or there is one core; a later `-n 0` in the user's
-    arguments turns it off (argparse keeps the last value). tests/conftest.py gives each worker its
-    share of the cores."""
-    cores = os.cpu_count() or 1
-    if cores < 2:
+    """pytest-xdist flags: one worker per core (at most 4; each imports torch, ME and timm, ~1 GB),
+    tests handed out by `--dist load` (`heavy` ones first, see tests/conftest.py). Measured from a
+    fresh clone on 2 cores (AMD EPYC): 2 workers / load 10 min 02 s (14.1 user CPU-min); 3 workers
+    / load 10 min 54 s; 3 workers / worksteal 11 min 06 s (19.6 user CPU-min: a third process on 2
+    cores costs more than the gaps it fills). None where xdist is absent (e.g. a GPU node's system
+    packages) or there is one core; a later `-n 0` in the user's arguments turns it off (argparse
+    keeps the last value). tests/conftest.py gives each worker its share of the cores."""
+    workers = min(os.cpu_count() or 1, 4)
+    if workers < 2:
         return []
-    workers = min(cores + 1, 4)  # one more than the cores: tests that wait on child processes leave gaps
     probe = subprocess.run([str(venv_python(install)), "-c", "import xdist"], capture_output=True)
-    return ["-n", str(workers), "--dist", "worksteal"] if probe.returncode == 0 else []
+    return ["-n", str(workers), "--dist", "load"] if probe.returncode == 0 else []
 
 
 def run_in_venv(args: list[str], install: Install = ONLINE) -> int:

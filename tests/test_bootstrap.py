@@ -172,11 +172,11 @@ def test_test_command_makes_detectron2_mandatory(monkeypatch: pytest.MonkeyPatch
 
 @pytest.mark.parametrize(
     ("cores", "has_xdist", "expected"),
-    [(2, True, ["-n", "3", "--dist", "worksteal"]), (16, True, ["-n", "4", "--dist", "worksteal"]),
+    [(2, True, ["-n", "2", "--dist", "load"]), (16, True, ["-n", "4", "--dist", "load"]),
      (1, True, []), (8, False, [])],
 )  # fmt: skip
 def test_parallel_test_args(monkeypatch: pytest.MonkeyPatch, cores: int, has_xdist: bool, expected) -> None:
-    """A pytest-xdist worker per core and one more, at most 4; none without xdist or with one core."""
+    """A pytest-xdist worker per core, at most 4; none without xdist or with one core."""
     monkeypatch.setattr(bootstrap.os, "cpu_count", lambda: cores)
     probes = []
 
