@@ -37,16 +37,12 @@ from spark_me.engine.finetune_config import FinetuneConfig
 from spark_me.engine.finetune_setup import build_criterion, build_loaders, build_mixup, build_optimizer
 from spark_me.engine.finetune_state import FinetuneRun, finish_epoch, full_state, load_resume_state, max_lr
 from spark_me.engine.optim import build_lr_scheduler, scaled_lr
-from spark_me.engine.preemption import PREEMPTED_EXIT, Preempted, StopRequest
+from spark_me.engine.preemption import NonFiniteLoss, StopRequest, guarded_run
 from spark_me.engine.progress import progress
 from spark_me.engine.resume import MidEpochSaver, position_of, refuse_foreign, stop_between_epochs
 from spark_me.engine.transfer import create_model, evaluate, read_source, shard, val_transform
 
 log = logging.getLogger("spark_me.finetune")
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 def autocast(cfg: FinetuneConfig, env: DistEnv):
@@ -153,20 +149,9 @@ def run(cfg: FinetuneConfig) -> int:
     """0 when done, 1 on a non-finite loss, PREEMPTED_EXIT when stopped by SIGTERM / SIGUSR1."""
     env = distributed.init(cfg.device)
     output = Path(cfg.output_dir)
-    with StopRequest() as stop:
-        try:
-            return evaluate_only(cfg, env) if cfg.eval else _run(cfg, env, output, stop)
-        except NonFiniteLoss as err:
-            log.error(
-                "%s: stopping. The last good checkpoint is kept: %s", err, output / "checkpoint-last.pth"
-            )
-            return 1
-        except Preempted as err:
-            if env.is_main:
-                log.warning("%s", err)
-            return PREEMPTED_EXIT
-        finally:
-            distributed.cleanup(env)
+    return guarded_run(
+        env, output, log, lambda stop: evaluate_only(cfg, env) if cfg.eval else _run(cfg, env, output, stop)
+    )
 
 
 def evaluate_only(cfg: FinetuneConfig, env: DistEnv) -> int:

@@ -11,8 +11,11 @@ checkpoint and every process exits with `PREEMPTED_EXIT`.
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
+from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 
 from spark_me.engine import distributed
@@ -23,6 +26,10 @@ from spark_me.engine.distributed import DistEnv
 PREEMPTED_EXIT = 75
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class NonFiniteLoss(RuntimeError):
+    """A NaN / inf loss: the run stops and keeps its last good checkpoint."""
 
 
 class Preempted(Exception):
@@ -60,3 +67,23 @@ class StopRequest:
         """True on every process when any process has been signalled (a collective: every process
         must call it at the same point)."""
         return distributed.any_true(self.signum is not None, env)
+
+
+def guarded_run(env: DistEnv, output: Path, log: logging.Logger, body: Callable[[StopRequest], int]) -> int:
+    """Run a training `body` with the stop signals caught: 0 when it finishes, 1 on a non-finite
+    loss (the last good checkpoint is kept), PREEMPTED_EXIT when stopped by SIGTERM / SIGUSR1;
+    the process group is torn down either way. Shared by pretraining and fine-tuning."""
+    with StopRequest() as stop:
+        try:
+            return body(stop)
+        except NonFiniteLoss as err:
+            log.error(
+                "%s: stopping. The last good checkpoint is kept: %s", err, output / "checkpoint-last.pth"
+            )
+            return 1
+        except Preempted as err:
+            if env.is_main:
+                log.warning("%s", err)
+            return PREEMPTED_EXIT
+        finally:
+            distributed.cleanup(env)

@@ -32,7 +32,7 @@ from spark_me.engine.optim import (
     warmup_steps,
     weight_decay_at,
 )
-from spark_me.engine.preemption import PREEMPTED_EXIT, Preempted, StopRequest
+from spark_me.engine.preemption import NonFiniteLoss, StopRequest, guarded_run
 from spark_me.engine.progress import progress
 from spark_me.engine.resume import MidEpochSaver, full_state, position_of, refuse_foreign, stop_between_epochs
 from spark_me.engine.sizes import checkpoint_sizes, mib, numbered_kept, run_bytes
@@ -42,10 +42,6 @@ from spark_me.sparse.sync_batchnorm import convert_sync_batchnorm
 from spark_me.viz import save_reconstructions
 
 log = logging.getLogger("spark_me.pretrain")
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 def build_model(cfg: PretrainConfig, dataflow_cache: Path | None = None) -> SparK:
@@ -240,20 +236,7 @@ def run(cfg: PretrainConfig) -> int:
     """0 when done, 1 on a non-finite loss, PREEMPTED_EXIT when stopped by SIGTERM / SIGUSR1."""
     env = distributed.init(cfg.device)
     output = Path(cfg.output_dir)
-    with StopRequest() as stop:
-        try:
-            return _run(cfg, env, output, stop)
-        except NonFiniteLoss as err:
-            log.error(
-                "%s: stopping. The last good checkpoint is kept: %s", err, output / "checkpoint-last.pth"
-            )
-            return 1
-        except Preempted as err:
-            if env.is_main:
-                log.warning("%s", err)
-            return PREEMPTED_EXIT
-        finally:
-            distributed.cleanup(env)
+    return guarded_run(env, output, log, lambda stop: _run(cfg, env, output, stop))
 
 
 def _run(cfg: PretrainConfig, env: DistEnv, output: Path, stop: StopRequest) -> int:
