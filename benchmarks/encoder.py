@@ -42,21 +42,38 @@ def seconds(fn, device, clock=time.perf_counter) -> float:
 def saved_mib(loss_fn, params) -> float:
     """MiB of activations autograd keeps for the backward of `loss_fn()` (each storage once,
     parameters excluded): the memory an encoder's training step holds at its peak, measured the
-    same way on CPU and GPU without allocator noise."""
+    same way on CPU and GPU without allocator noise. Low-precision copies of the parameters
+    (autocast's bf16/fp16 weight casts, which every variant makes once per step whatever the
+    batch) are parameters too, not activations: without this a bf16 ResNet-152 at batch 2 counts
+    ~115 MiB of weight copies in every variant."""
     import torch
 
     skip = {p.untyped_storage().data_ptr() for p in params}
+    param_ids = {id(p) for p in params}
     seen: dict[int, int] = {}
 
     def pack(t):
         ptr = t.untyped_storage().data_ptr()
-        if ptr not in skip:
+        if ptr not in skip and not parameter_copy(t, param_ids):
             seen[ptr] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss_fn()
     return sum(seen.values()) / 2**20
+
+
+# autograd nodes that only cast or re-view their one input
+_CAST_OR_VIEW = {"ToCopyBackward0", "ViewBackward0", "TBackward0", "PermuteBackward0", "UnsafeViewBackward0",
+                 "ReshapeAliasBackward0", "AsStridedBackward0"}  # fmt: skip
+
+
+def parameter_copy(t, param_ids: set[int]) -> bool:
+    """Whether `t` is a parameter only cast and/or re-viewed (e.g. autocast's bf16 weight copy)."""
+    fn = t.grad_fn
+    while fn is not None and type(fn).__name__ in _CAST_OR_VIEW:
+        fn = fn.next_functions[0][0]
+    return fn is not None and id(getattr(fn, "variable", None)) in param_ids and t.grad_fn is not None
 
 
 def compare(arch: str, ratio: float, batch: int, size: int, amp: str, repeats: int, device: str,
@@ -159,8 +176,9 @@ def compare(arch: str, ratio: float, batch: int, size: int, amp: str, repeats: i
 
 
 def compare_steps(
-    arch: str, ratio: float, batch: int, size: int, amp: str, repeats: int, device: str
-) -> dict:
+    arch: str, ratio: float, batch: int, size: int, amp: str, repeats: int, device: str,
+    decoder_width: int = 768,
+) -> dict:  # fmt: skip
     """Median seconds of whole SparK steps (zero_grad, forward, backward, LAMB), the three variants
     interleaved: the decoder, densify, loss and optimiser are the same code in all three."""
     import torch
@@ -178,7 +196,7 @@ def compare_steps(
     steps = {}
     for variant in ("sparse", "masked_dense", "dense"):
         torch.manual_seed(0)
-        model = build(variant, arch, mask_ratio=ratio).to(dev)
+        model = build(variant, arch, decoder_width=decoder_width, mask_ratio=ratio).to(dev)
         optimizer = Lamb(model.parameters(), lr=1e-4)
 
         def step(model=model, optimizer=optimizer):
@@ -241,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         help="hand-written families: do not also time the generic path on the same model",
     )  # fmt: skip
     p.add_argument("--step", action="store_true", help="whole SparK steps (decoder, loss, LAMB) instead")
+    p.add_argument("--decoder_width", type=int, default=768, help="with --step: SparK's decoder width")
     p.add_argument("--out", type=Path, default=None, help="write results JSON here")
     args = p.parse_args(argv)
     import torch
@@ -255,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         for amp in args.amp:
             for ratio in args.ratios:
                 if args.step:
-                    row = compare_steps(arch, ratio, args.batch_size, args.size, amp, args.repeats, device)
+                    row = compare_steps(
+                        arch, ratio, args.batch_size, args.size, amp, args.repeats, device, args.decoder_width
+                    )
                 else:
                     row = compare(
                         arch, ratio, args.batch_size, args.size, amp, args.repeats, device, args.dataflow,

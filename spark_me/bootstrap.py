@@ -292,17 +292,19 @@ def setup(with_detectron2: bool = False, install: Install = ONLINE, need_detectr
 
 def parallel_test_args(install: Install = ONLINE) -> list[str]:
     """pytest-xdist flags: one worker per core (at most 4; each imports torch, ME and timm, ~1 GB),
-    tests handed out by `--dist load` (`heavy` ones first, see tests/conftest.py). Measured from a
-    fresh clone on 2 cores (AMD EPYC): 2 workers / load 10 min 02 s (14.1 user CPU-min); 3 workers
-    / load 10 min 54 s; 3 workers / worksteal 11 min 06 s (19.6 user CPU-min: a third process on 2
-    cores costs more than the gaps it fills). None where xdist is absent (e.g. a GPU node's system
-    packages) or there is one core; a later `-n 0` in the user's arguments turns it off (argparse
-    keeps the last value). tests/conftest.py gives each worker its share of the cores."""
+    `--dist worksteal`: tests/conftest.py orders the tests so that each worker's initial share
+    starts with its part of the `heavy` tests, and a worker that runs dry takes the tail of
+    another's queue. Measured from a fresh clone on 2 cores (AMD EPYC): with `--dist load` every
+    heavy test went to one worker (621 s busy against the other's 391 s, 10 min 31 s in all).
+    3 workers cost more CPU than the gaps they fill (19.6 against 14.1 user CPU-min). None where
+    xdist is absent (e.g. a GPU node's system packages) or there is one core; a later `-n 0` in
+    the user's arguments turns it off (argparse keeps the last value). tests/conftest.py gives
+    each worker its share of the cores."""
     workers = min(os.cpu_count() or 1, 4)
     if workers < 2:
         return []
     probe = subprocess.run([str(venv_python(install)), "-c", "import xdist"], capture_output=True)
-    return ["-n", str(workers), "--dist", "load"] if probe.returncode == 0 else []
+    return ["-n", str(workers), "--dist", "worksteal"] if probe.returncode == 0 else []
 
 
 def run_in_venv(args: list[str], install: Install = ONLINE) -> int:

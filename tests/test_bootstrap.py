@@ -172,7 +172,7 @@ def test_test_command_makes_detectron2_mandatory(monkeypatch: pytest.MonkeyPatch
 
 @pytest.mark.parametrize(
     ("cores", "has_xdist", "expected"),
-    [(2, True, ["-n", "2", "--dist", "load"]), (16, True, ["-n", "4", "--dist", "load"]),
+    [(2, True, ["-n", "2", "--dist", "worksteal"]), (16, True, ["-n", "4", "--dist", "worksteal"]),
      (1, True, []), (8, False, [])],
 )  # fmt: skip
 def test_parallel_test_args(monkeypatch: pytest.MonkeyPatch, cores: int, has_xdist: bool, expected) -> None:

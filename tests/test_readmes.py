@@ -63,7 +63,8 @@ SHRINK: dict[str, list[str]] = {
         "spark-me reconstruct": "--input_size 64",
         "spark-me finetune": "--epochs 1 --input_size 32 --batch_size 16 --num_workers 0",
         "spark-me probe": "--epochs 1 --input_size 32 --batch_size 16 --num_workers 0",
-        "python -m benchmarks.encoder": "--size 64 --batch_size 1 --repeats 1 --dataflow rules",
+        "python -m benchmarks.encoder": "--size 64 --batch_size 1 --repeats 1 --dataflow rules "
+        "--decoder_width 32",
         "python -m benchmarks.depthwise": "--size 64 --batch_size 1 --repeats 1",
         "python -m benchmarks.profile": "--size 64 --batch_size 1 --repeat 1",
     }.items()
