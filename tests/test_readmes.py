@@ -259,6 +259,24 @@ def spark_me_invocations(code: str) -> list[tuple[str, list[str]]]:
     return found
 
 
+def module_invocations(code: str, package: str = "benchmarks") -> list[tuple[str, list[str]]]:
+    """(module, its --flags) of every `python -m PACKAGE.MODULE ...` command of a block."""
+    found = []
+    for line in code.replace("\\\n", " ").splitlines():
+        line = line.split(" #")[0]
+        if line.lstrip().startswith("#"):
+            continue
+        try:
+            words = shlex.split(line)
+        except ValueError:
+            continue
+        for i, word in enumerate(words[:-1]):
+            if word == "-m" and words[i + 1].startswith(package + "."):
+                flags = [w.split("=")[0] for w in words[i + 2 :] if w.startswith("--")]
+                found.append((words[i + 1], flags))
+    return found
+
+
 def subcommand_help(sub: str) -> str:
     """`spark-me SUB --help`, in this process (argparse prints it and exits 0)."""
     from spark_me import cli
@@ -282,4 +300,25 @@ def test_every_documented_flag_is_in_its_commands_help() -> None:
     missing = {
         sub: sorted(f for f in flags if f not in subcommand_help(sub)) for sub, flags in wanted.items()
     }
+    assert not any(missing.values()), missing
+
+
+def test_every_documented_benchmark_flag_is_in_its_modules_help() -> None:
+    """Runnable or not (the re-measuring blocks are skipped), every `--flag` a README passes to
+    `python -m benchmarks.X` is in that module's --help, read in this process."""
+    import importlib
+
+    wanted: dict[str, set[str]] = {}
+    for block in ALL:
+        if block.lang == "bash":
+            for module, flags in module_invocations(block.code):
+                wanted.setdefault(module, set()).update(flags)
+    assert {"benchmarks.encoder", "benchmarks.depthwise", "benchmarks.profile"} <= wanted.keys()
+    missing = {}
+    for module, flags in wanted.items():
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exited:
+            importlib.import_module(module).main(["--help"])
+        assert exited.value.code == 0, module
+        missing[module] = sorted(f for f in flags if f not in out.getvalue())
     assert not any(missing.values()), missing

@@ -30,3 +30,15 @@ def test_calls_and_bytes_of_copies() -> None:
 
 def test_tensor_lists_count_every_tensor() -> None:
     assert traffic.call_bytes([[[2, 3], [4]], []], ["TensorList", "Scalar"], list_itemsize=2) == (6 + 4) * 2
+
+
+def test_profile_traffic_report(tmp_path) -> None:
+    """`python -m benchmarks.profile --traffic` (the README's re-measuring command) at 64 px:
+    a report with the float32 and bf16 tables and the dataflows."""
+    from benchmarks import profile
+
+    args = ["--traffic", "--arch", "resnet18", "--size", "64", "--batch_size", "1", "--out", str(tmp_path)]
+    assert profile.main(args) == 0
+    report = (tmp_path / "traffic-resnet18.md").read_text()
+    assert "## fp32: sources" in report and "## bf16: sources" in report and "aten::copy_" in report
+    assert "dataflows (op: dataflow)" in report
