@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"cpu": cpu(), "threads": torch.get_num_threads(), "rows": rows}, indent=1))
+        result = {"cpu": cpu(), "threads": torch.get_num_threads(), "rows": rows}
+        args.out.write_text(json.dumps(result, indent=1))
     return 0
 
 

@@ -11,7 +11,8 @@ from benchmarks.conv_flows import FLOWS, LAYERS, main
 
 def test_tiny_run_times_every_dataflow_at_every_stride(tmp_path: Path) -> None:
     out = tmp_path / "conv.json"
-    assert main(["--size", "64", "--batch_size", "1", "--ratio", "0", "--repeats", "1", "--out", str(out)]) == 0
+    args = ["--size", "64", "--batch_size", "1", "--ratio", "0", "--repeats", "1", "--out", str(out)]
+    assert main(args) == 0
     data = json.loads(out.read_text())
     assert data["cpu"]["model"] and "flags" in data["cpu"]
     assert [(r["stride"], r["channels"]) for r in data["rows"]] == list(LAYERS)
