@@ -240,40 +240,42 @@ def test_readme_block_runs(block: Block, doc_inputs: dict[str, Path], tmp_path: 
     )
 
 
-def spark_me_invocations(code: str) -> list[tuple[str, list[str]]]:
-    """(subcommand, its --flags) of every `spark-me SUB ...` / `-m spark_me.cli SUB ...` command."""
+def command_words(code: str) -> list[list[str]]:
+    """The shell words of each command line of a bash block (continuations joined, comments out)."""
     found = []
     for line in code.replace("\\\n", " ").splitlines():
         line = line.split(" #")[0]
         if line.lstrip().startswith("#"):
             continue
         try:
-            words = shlex.split(line)
+            found.append(shlex.split(line))
         except ValueError:
             continue
+    return found
+
+
+def flags_after(words: list[str], start: int) -> list[str]:
+    return [w.split("=")[0] for w in words[start:] if w.startswith("--")]
+
+
+def spark_me_invocations(code: str) -> list[tuple[str, list[str]]]:
+    """(subcommand, its --flags) of every `spark-me SUB ...` / `-m spark_me.cli SUB ...` command."""
+    found = []
+    for words in command_words(code):
         for i, word in enumerate(words):
             is_cli = word.endswith("spark-me") or (word == "spark_me.cli" and i > 0 and words[i - 1] == "-m")
             if is_cli and i + 1 < len(words) and not words[i + 1].startswith("-"):
-                flags = [w.split("=")[0] for w in words[i + 2 :] if w.startswith("--")]
-                found.append((words[i + 1], flags))
+                found.append((words[i + 1], flags_after(words, i + 2)))
     return found
 
 
 def module_invocations(code: str, package: str = "benchmarks") -> list[tuple[str, list[str]]]:
     """(module, its --flags) of every `python -m PACKAGE.MODULE ...` command of a block."""
     found = []
-    for line in code.replace("\\\n", " ").splitlines():
-        line = line.split(" #")[0]
-        if line.lstrip().startswith("#"):
-            continue
-        try:
-            words = shlex.split(line)
-        except ValueError:
-            continue
+    for words in command_words(code):
         for i, word in enumerate(words[:-1]):
             if word == "-m" and words[i + 1].startswith(package + "."):
-                flags = [w.split("=")[0] for w in words[i + 2 :] if w.startswith("--")]
-                found.append((words[i + 1], flags))
+                found.append((words[i + 1], flags_after(words, i + 2)))
     return found
 
 
