@@ -154,6 +154,7 @@ def test_test_command_makes_detectron2_mandatory(monkeypatch: pytest.MonkeyPatch
     """`bootstrap test` installs Detectron2 and runs pytest with SPARK_ME_REQUIRE_DETECTRON2=1 (the
     detection tests then fail instead of skipping without it); pretraining needs neither."""
     monkeypatch.setenv("SPARK_ME_REQUIRE_DETECTRON2", "unset-by-test")  # restored afterwards
+    monkeypatch.setenv("GLIBC_TUNABLES", "kept")  # a user's value wins (restored afterwards)
     setups, jobs = [], []
     monkeypatch.setattr(bootstrap, "setup", lambda with_detectron2=False, **_: setups.append(with_detectron2))
 
@@ -168,6 +169,23 @@ def test_test_command_makes_detectron2_mandatory(monkeypatch: pytest.MonkeyPatch
     assert setups == [False, True]
     assert jobs[0] == (["-m", "spark_me.cli", "pretrain", "--epochs", "1"], "unset-by-test")
     assert jobs[1] == (["-m", "pytest", "-n", "2", "-x", "tests/engine"], "1")  # the user's flags win
+    assert os.environ["GLIBC_TUNABLES"] == "kept"
+
+
+def test_test_command_raises_glibcs_mmap_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The suite runs with glibc's mmap / trim thresholds at 1 GiB unless GLIBC_TUNABLES is set."""
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)  # restored afterwards
+    seen = []
+    monkeypatch.setattr(bootstrap, "setup", lambda **_: None)
+    monkeypatch.setattr(bootstrap, "parallel_test_args", lambda install=None: [])
+    monkeypatch.setattr(
+        bootstrap,
+        "run_in_venv",
+        lambda args, install=None: seen.append(os.environ.get("GLIBC_TUNABLES")) or 0,
+    )
+    assert bootstrap.main(["pretrain"]) == 0
+    assert bootstrap.main(["test"]) == 0
+    assert seen == [None, "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824"]
 
 
 @pytest.mark.parametrize(
