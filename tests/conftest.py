@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+import torch._inductor.config as inductor_config
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -21,6 +22,11 @@ def pytest_configure(config: pytest.Config) -> None:
         share = max(1, (os.cpu_count() or 1) // workers)
         os.environ["OMP_NUM_THREADS"] = str(share)
         torch.set_num_threads(share)
+        # inductor compiles its C++ in a pool of processes, one per core, each importing torch:
+        # ~8 CPU-s a pool, while the suite's workers already keep every core busy (the compile
+        # tests: 59 -> 51 CPU-s). Here and in the commands the tests start.
+        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+        inductor_config.compile_threads = int(os.environ["TORCHINDUCTOR_COMPILE_THREADS"])
 
 
 @pytest.hookimpl(trylast=True)  # after `-m "not cuda"` has deselected: the split counts what runs

@@ -57,7 +57,7 @@ LANGS = {"python": "python", "bash": "bash", "sh": "bash", "shell": "bash"}
 SHRINK: dict[str, list[str]] = {
     key: flags.split()
     for key, flags in {
-        "spark-me pretrain": "--epochs 1 --input_size 64 --batch_size 2 --decoder_width 32 "
+        "spark-me pretrain": "--epochs 1 --input_size 64 --batch_size 4 --decoder_width 32 "
         "--num_workers 0 --repeat 1 --val_every 0 --recon_every 1 --dataflow rules",
         "spark-me bench": "--sizes 64 --steps 1 --warmup 0 --batch_size 1 --decoder_width 32",
         "spark-me reconstruct": "--input_size 64",
@@ -182,7 +182,26 @@ class Sandbox:
 
 @pytest.fixture(scope="session")
 def doc_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The files the examples name, made once: photographs, a ResNet-50 checkpoint, timm weights."""
+    """The files the examples name, made once per run (xdist's workers share the folder above
+    their own, under a file lock): photographs, a ResNet-50 checkpoint, timm weights."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    made = (base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / "doc-inputs"
+    with FileLock(f"{made}.lock"):
+        if not (made / "complete").exists():
+            make_doc_inputs(made)
+            (made / "complete").touch()
+    return {
+        "data-images": made / "images",
+        "data-set": made / "set",
+        "output/checkpoint-last.pth": made / "checkpoint-last.pth",
+        "resnet50_supervised.pth": made / "resnet50_supervised.pth",
+        "benchmarks/results": ROOT / "benchmarks" / "results",
+    }
+
+
+def make_doc_inputs(made: Path) -> None:
     import timm
     import torch
 
@@ -191,9 +210,9 @@ def doc_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from spark_me.engine.config import PretrainConfig
     from spark_me.engine.pretrain import build_model
 
-    made = tmp_path_factory.mktemp("doc-inputs")
+    shutil.rmtree(made, ignore_errors=True)  # a half-made folder of an interrupted run
     images = made / "images"
-    images.mkdir()
+    images.mkdir(parents=True)
     for path in sample_photo_paths()[:10]:
         shutil.copy(path, images / path.name)
     cfg = PretrainConfig(arch="resnet50", decoder_width=32, input_size=64)
@@ -206,14 +225,7 @@ def doc_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
     converters.save_state(state, made / "checkpoint-last.pth")
     torch.save(timm.create_model("resnet50").state_dict(), made / "resnet50_supervised.pth")
-    labelled = make_labelled_set(made / "set", train_per_class=8, val_per_class=4)
-    return {
-        "data-images": images,
-        "data-set": labelled,
-        "output/checkpoint-last.pth": made / "checkpoint-last.pth",
-        "resnet50_supervised.pth": made / "resnet50_supervised.pth",
-        "benchmarks/results": ROOT / "benchmarks" / "results",
-    }
+    make_labelled_set(made / "set", train_per_class=8, val_per_class=4)
 
 
 def test_readmes_have_examples_and_every_skip_gives_a_reason() -> None:
