@@ -2,6 +2,12 @@
 
 Same structure as timm's ResNet-B/v1.5 (stride on the 3x3 conv, 1x1 strided projection shortcut),
 same stochastic-depth schedule (linear in the block index), on MinkowskiEngine sparse tensors.
+
+Every BN -> ReLU that feeds a conv or the max-pool is folded into that op's input
+(`SparseBatchNorm2d.relu_prologue`, bn_relu.py): the op makes relu(bn(y)) from the BN's input y in
+its forward and again in its backward, so autograd saves y alone, not y and the ReLU's output. The
+`act` modules stay in the tree (timm's module names; they hold no state) and run when
+`fold_bn_relu=False` (layer by layer: what the benchmark of the fold compares against).
 """
 
 from __future__ import annotations
@@ -21,13 +27,26 @@ from spark_me.sparse.layers import (
 )
 
 
+def bn_relu(bn: SparseBatchNorm2d, act: SparseActivation, y: ME.SparseTensor, fold: bool) -> tuple:
+    """act(bn(y)) as the next op's (input, prologue): folded, y and the prologue with which the op
+    makes act(bn(y)) itself (saving y only); or layer by layer, act(bn(y)) and no prologue."""
+    return (y, bn.relu_prologue(y)) if fold else (act(bn(y)), None)
+
+
 class SparseBasicBlock(nn.Module):
     expansion = 1
 
     def __init__(
-        self, inplanes: int, planes: int, stride: int, downsample: nn.Module | None, drop_path: float
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int,
+        downsample: nn.Module | None,
+        drop_path: float,
+        fold_bn_relu: bool = True,
     ):
         super().__init__()
+        self.fold = fold_bn_relu
         self.conv1 = SparseConv2d(inplanes, planes, 3, stride)
         self.bn1 = SparseBatchNorm2d(planes)
         self.act1 = SparseActivation(nn.ReLU())
@@ -42,8 +61,7 @@ class SparseBasicBlock(nn.Module):
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
         shortcut = x
-        x = self.act1(self.bn1(self.conv1(x)))
-        x = self.drop_path(self.bn2(self.conv2(x)))
+        x = self.drop_path(self.bn2(self.conv2(*bn_relu(self.bn1, self.act1, self.conv1(x), self.fold))))
         if self.downsample is not None:
             shortcut = self.downsample(shortcut)
         return self.act2(add(x, shortcut))
@@ -53,9 +71,16 @@ class SparseBottleneck(nn.Module):
     expansion = 4
 
     def __init__(
-        self, inplanes: int, planes: int, stride: int, downsample: nn.Module | None, drop_path: float
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int,
+        downsample: nn.Module | None,
+        drop_path: float,
+        fold_bn_relu: bool = True,
     ):
         super().__init__()
+        self.fold = fold_bn_relu
         width = planes
         self.conv1 = SparseConv2d(inplanes, width, 1)
         self.bn1 = SparseBatchNorm2d(width)
@@ -74,16 +99,20 @@ class SparseBottleneck(nn.Module):
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
         shortcut = x
-        x = self.act1(self.bn1(self.conv1(x)))
-        x = self.act2(self.bn2(self.conv2(x)))
-        x = self.drop_path(self.bn3(self.conv3(x)))
+        x = self.conv2(*bn_relu(self.bn1, self.act1, self.conv1(x), self.fold))
+        x = self.conv3(*bn_relu(self.bn2, self.act2, x, self.fold))
+        x = self.drop_path(self.bn3(x))
         if self.downsample is not None:
             shortcut = self.downsample(shortcut)
         return self.act3(add(x, shortcut))
 
 
 class SparseResNet(SparseEncoder):
-    """Stem (7x7/2 conv, BN, ReLU, 3x3/2 max-pool) and four stages; returns layer1..layer4 (strides 4..32)."""
+    """Stem (7x7/2 conv, BN, ReLU, 3x3/2 max-pool) and four stages; returns layer1..layer4 (strides 4..32).
+
+    `fold_bn_relu` (default): every BN -> ReLU that feeds a conv or the max-pool is folded into that
+    op (the same values and gradients, without the ReLU outputs among the saved activations).
+    """
 
     def __init__(
         self,
@@ -92,8 +121,10 @@ class SparseResNet(SparseEncoder):
         in_chans: int = 3,
         drop_path_rate: float = 0.0,
         zero_init_last: bool = True,
+        fold_bn_relu: bool = True,
     ):
         super().__init__()
+        self.fold = fold_bn_relu
         self.conv1 = SparseConv2d(in_chans, 64, 7, stride=2)
         self.bn1 = SparseBatchNorm2d(64)
         self.act1 = SparseActivation(nn.ReLU())
@@ -110,7 +141,9 @@ class SparseResNet(SparseEncoder):
                         SparseBatchNorm2d(planes * block.expansion),
                     )
                 rate = drop_path_rate * index / (total - 1) if total > 1 else 0.0
-                blocks.append(block(inplanes, planes, stride if i == 0 else 1, downsample, rate))
+                blocks.append(
+                    block(inplanes, planes, stride if i == 0 else 1, downsample, rate, fold_bn_relu)
+                )
                 inplanes, index = planes * block.expansion, index + 1
             self.add_module(f"layer{stage + 1}", nn.Sequential(*blocks))
         self.channels = tuple(p * block.expansion for p in (64, 128, 256, 512))
@@ -130,7 +163,7 @@ class SparseResNet(SparseEncoder):
                     m.zero_init_last()
 
     def forward_sparse(self, x: ME.SparseTensor) -> list[ME.SparseTensor]:
-        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        x = self.maxpool(*bn_relu(self.bn1, self.act1, self.conv1(x), self.fold))
         outs = []
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             x = layer(x)

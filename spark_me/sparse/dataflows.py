@@ -29,6 +29,7 @@ under autocast, on any device.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import MinkowskiEngine as ME
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from spark_me.sparse import depthwise
+from spark_me.sparse.bn_relu import BatchNormReLU, Prologue, op_input, prologue_backward
 from spark_me.sparse.geometry import BlockLayout, geometry_of
 from spark_me.sparse.me_dataflow import me
 from spark_me.sparse.ops import SparseOp, compute_dtype
@@ -96,15 +98,39 @@ class _ConvKernel(_Flow):
 
     padding = 0
 
+    def source_rows(self, rows: int) -> Tensor:
+        """[maps, H*W] long: the input row at every position of the gathered maps (`rows`, the pad
+        row, where a masked or out-of-image site is)."""
+        raise NotImplementedError
+
+    def output_rows(self, maps: Tensor) -> Tensor:
+        """The output sites' rows [N_out, C] of the kernel's output maps [maps, C, h, w]."""
+        raise NotImplementedError
+
     def kernel(self, g: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
         op = self.op
         if op.kind == "maxpool":
-            return F.max_pool2d(g, op.kernel_size, op.stride, self.padding)
+            return self.output_rows(F.max_pool2d(g, op.kernel_size, op.stride, self.padding))
         if op.kind == "avgpool":
-            return F.avg_pool2d(
-                g, op.kernel_size, op.stride, self.padding, count_include_pad=op.count_include_pad
+            return self.output_rows(
+                F.avg_pool2d(
+                    g, op.kernel_size, op.stride, self.padding, count_include_pad=op.count_include_pad
+                )
             )
-        return F.conv2d(g, weight, bias, op.stride, self.padding, 1, op.groups)
+        return self.output_rows(F.conv2d(g, weight, bias, op.stride, self.padding, 1, op.groups))
+
+    def max_pool_argmax(self, g: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+        """Max-pool of the gathered maps `g`: (output rows [N_out, C], where each value came from as
+        a flat index row * C + channel into the input [rows, C] (int32 when it fits))."""
+        op = self.op
+        out, where = F.max_pool2d(g, op.kernel_size, op.stride, self.padding, return_indices=True)
+        maps, channels = where.shape[:2]
+        source = self.source_rows(rows).view(maps, 1, -1).expand(maps, channels, -1)
+        row = torch.gather(source, 2, where.view(maps, channels, -1)).view_as(where)
+        channel = torch.arange(channels, device=row.device).view(1, channels, 1, 1)
+        flat = self.output_rows(row * channels + channel)
+        small = (rows + 1) * channels < 2**31
+        return self.output_rows(out), (flat.to(torch.int32) if small else flat).contiguous()
 
     def kernel_maps_backward(self, grad: Tensor, g: Tensor, weight: Tensor, needs) -> tuple:
         if self.op.kind == "depthwise":
@@ -156,8 +182,13 @@ class _Block(_ConvKernel):
             return grad.reshape(rows, -1)
         return _scatter_rows(grad, self.src.halo_index(self.op.halo), rows)
 
-    def kernel(self, g: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return _as_rows(super().kernel(g, weight, bias))
+    def source_rows(self, rows: int) -> Tensor:
+        if self.op.halo == 0:
+            return torch.arange(rows, device=self.src.geometry.cells.device).view(self.src.num_cells, -1)
+        return self.src.halo_index(self.op.halo).view(self.src.num_cells, -1)
+
+    def output_rows(self, maps: Tensor) -> Tensor:
+        return _as_rows(maps)
 
     def kernel_backward(self, grad: Tensor, g: Tensor, weight: Tensor, needs):
         return self.kernel_maps_backward(_as_maps(grad, self.dst.num_cells, self.dst.block), g, weight, needs)
@@ -183,11 +214,37 @@ class _Dense(_ConvKernel):
     def gather_backward(self, grad: Tensor, rows: int) -> Tensor:
         return _as_rows(grad).index_select(0, self.src.dense_index())
 
-    def kernel(self, g: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return _as_rows(super().kernel(g, weight, bias)).index_select(0, self.dst.dense_index())
+    def source_rows(self, rows: int) -> Tensor:
+        index = self.src.dense_index()
+        source = index.new_full((self.src.geometry.active.shape[0], math.prod(self.src.dense_hw)), rows)
+        return source.view(-1).index_copy_(0, index, torch.arange(rows, device=index.device)).view_as(source)
+
+    def output_rows(self, maps: Tensor) -> Tensor:
+        return _as_rows(maps).index_select(0, self.dst.dense_index())
 
     def kernel_backward(self, grad: Tensor, g: Tensor, weight: Tensor, needs):
         return self.kernel_maps_backward(self._map(self.dst, grad), g, weight, needs)
+
+
+class _Pointwise(_Flow):
+    """A 1x1 / stride-1 conv: one GEMM on the features themselves (no gather)."""
+
+    def gather(self, feats: Tensor) -> Tensor:
+        return feats
+
+    def gather_backward(self, grad: Tensor, rows: int) -> Tensor:
+        return grad
+
+    def kernel(self, g: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(g, weight.view(weight.shape[0], -1), bias)
+
+    def kernel_backward(self, grad: Tensor, g: Tensor, weight: Tensor, needs):
+        w = weight.view(weight.shape[0], -1)
+        grad_g = grad @ w if needs[0] else None
+        # in the weight's own strides (a 1x1 channels-last weight), so AccumulateGrad and DDP's
+        # buckets take it without a copy
+        grad_w = (grad.t() @ g).as_strided(weight.shape, weight.stride()) if needs[1] else None
+        return grad_g, grad_w, grad.sum(0) if needs[2] else None
 
 
 class _Gemm(_Flow):
@@ -225,46 +282,110 @@ class _Gemm(_Flow):
 
 
 class _Gathered(torch.autograd.Function):
-    """y = kernel(gather(feats)) saving only feats and weight; the gather is redone in backward."""
+    """y = kernel(gather(x)) saving only the features and the weight; the gather is redone in
+    backward. x is `feats`, or with a prologue (bn_relu.py) relu(bn(feats)): given for the forward,
+    remade in backward, never saved; the backward then returns the BN's gradients too."""
 
     @staticmethod
-    def forward(ctx, feats: Tensor, weight: Tensor, bias: Tensor | None, flow: _Flow) -> Tensor:
+    def forward(ctx, feats, weight, bias, flow: _Flow, bn_weight=None, bn_bias=None, p=None, dtype=None):
         ctx.save_for_backward(feats, weight)
-        ctx.flow, ctx.has_bias = flow, bias is not None
-        return flow.kernel(flow.gather(feats), weight, bias)
+        ctx.flow, ctx.has_bias, ctx.dtype = flow, bias is not None, dtype or feats.dtype
+        ctx.p = p._replace(first=None) if p is not None else None
+        return flow.kernel(flow.gather(op_input(feats, p, ctx.dtype)), weight, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
         feats, weight = ctx.saved_tensors
-        flow = ctx.flow
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
-        grad_g, grad_w, grad_b = flow.kernel_backward(grad.contiguous(), flow.gather(feats), weight, needs)
-        grad_feats = flow.gather_backward(grad_g, len(feats)) if needs[0] else None
-        return grad_feats, grad_w, grad_b, None
+        flow, wants, p = ctx.flow, ctx.needs_input_grad, ctx.p
+        x = op_input(feats, p, ctx.dtype)
+        needs = (wants[0] or any(wants[4:6]), wants[1], ctx.has_bias and wants[2])
+        grad_g, grad_w, grad_b = flow.kernel_backward(grad.contiguous(), flow.gather(x), weight, needs)
+        grad_x = flow.gather_backward(grad_g, len(x)) if needs[0] else None
+        if p is None or grad_x is None:
+            return grad_x, grad_w, grad_b, None, None, None, None, None
+        return grad_x_to_feats(grad_x, x, feats, p, grad_w, grad_b)
 
 
-def _run_flow(flow: type[_Flow], op: SparseOp, x: ME.SparseTensor, src, dst, weight, bias) -> Tensor:
+def grad_x_to_feats(grad_x: Tensor, x: Tensor, feats: Tensor, p: Prologue, *rest) -> tuple:
+    """An op's gradients with a prologue: (grad feats, *rest, None for the flow, the BN's weight and
+    bias gradients, None, None)."""
+    grad_feats, grad_bn_weight, grad_bn_bias = prologue_backward(grad_x, x, feats, p)
+    return grad_feats, *rest, None, grad_bn_weight, grad_bn_bias, None, None
+
+
+class _MaxPool(torch.autograd.Function):
+    """Max-pool saving only where each output came from (one int32 per output value; aten's would
+    keep the gathered maps and int64 indices), and with a prologue the features it is made from.
+    Backward adds each output's gradient into its source row and channel."""
+
+    @staticmethod
+    def forward(ctx, feats: Tensor, flow: _ConvKernel, bn_weight=None, bn_bias=None, p=None) -> Tensor:
+        x = op_input(feats, p, feats.dtype)
+        out, flat = flow.max_pool_argmax(flow.gather(x), len(x))
+        ctx.save_for_backward(flat, *((feats,) if p is not None else ()))
+        ctx.shape, ctx.p = x.shape, p._replace(first=None) if p is not None else None
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        flat, *feats = ctx.saved_tensors
+        rows, channels = ctx.shape
+        grad_x = grad.new_zeros((rows + 1) * channels).index_add_(0, flat.view(-1), grad.reshape(-1))
+        grad_x = grad_x.view(rows + 1, channels)[:rows]
+        if ctx.p is None:
+            return grad_x, None, None, None, None
+        return grad_x_to_feats(grad_x, op_input(feats[0], ctx.p, feats[0].dtype), feats[0], ctx.p)[:5]
+
+
+def _run_flow(
+    flow: type[_Flow], op: SparseOp, x: ME.SparseTensor, src, dst, weight, bias, p: Prologue | None = None
+) -> Tensor:
     f = flow(op, src, dst)
-    if not op.weighted:  # pools: weightless, plain autograd
-        return f.kernel(f.gather(x.F), None, None)
+    bn = (p.weight, p.bias, p) if p is not None else ()
+    if op.kind == "maxpool":
+        return _MaxPool.apply(x.F.contiguous(), f, *bn)
+    if not op.weighted:  # average pools: weightless, plain autograd
+        return f.kernel(f.gather(_materialised(x.F, p)), None, None)
     dtype = compute_dtype(x.F, op)
     bias = bias.to(dtype) if bias is not None else None
+    if p is not None:  # the features stay as they are: the prologue makes the input, in dtype
+        return _Gathered.apply(x.F.contiguous(), weight.to(dtype), bias, f, *bn, dtype)
     return _Gathered.apply(x.F.to(dtype).contiguous(), weight.to(dtype), bias, f)
 
 
-def block(op: SparseOp, x: ME.SparseTensor, src: BlockLayout, dst: BlockLayout, weight, bias) -> Tensor:
-    return _run_flow(_Block, op, x, src, dst, weight, bias)
+def _materialised(feats: Tensor, p: Prologue | None) -> Tensor:
+    """The prologue's output as an ordinary autograd tensor, for the ops that do not fold it in."""
+    return feats if p is None else BatchNormReLU.apply(feats, p.weight, p.bias, p)
 
 
-def dense(op: SparseOp, x: ME.SparseTensor, src: BlockLayout, dst: BlockLayout, weight, bias) -> Tensor:
-    return _run_flow(_Dense, op, x, src, dst, weight, bias)
+def pointwise(op: SparseOp, feats: Tensor, weight: Tensor, bias: Tensor | None, p: Prologue) -> Tensor:
+    """A 1x1 / stride-1 conv of relu(bn(feats)) (the prologue), not saving its input."""
+    dtype = compute_dtype(feats, op)
+    bias = bias.to(dtype) if bias is not None else None
+    flow = _Pointwise(op, None, None)
+    return _Gathered.apply(feats.contiguous(), weight.to(dtype), bias, flow, p.weight, p.bias, p, dtype)
 
 
-def gemm(op: SparseOp, x: ME.SparseTensor, src: BlockLayout, dst: BlockLayout, weight, bias) -> Tensor:
+def block(
+    op: SparseOp, x: ME.SparseTensor, src: BlockLayout, dst: BlockLayout, weight, bias, prologue=None
+) -> Tensor:
+    return _run_flow(_Block, op, x, src, dst, weight, bias, prologue)
+
+
+def dense(
+    op: SparseOp, x: ME.SparseTensor, src: BlockLayout, dst: BlockLayout, weight, bias, prologue=None
+) -> Tensor:
+    return _run_flow(_Dense, op, x, src, dst, weight, bias, prologue)
+
+
+def gemm(
+    op: SparseOp, x: ME.SparseTensor, src: BlockLayout, dst: BlockLayout, weight, bias, prologue=None
+) -> Tensor:
     if op.kind != "conv" or op.groups != 1:
         raise ValueError(f"no gemm dataflow for {op!r}")
-    return _run_flow(_Gemm, op, x, src, dst, weight, bias)
+    return _run_flow(_Gemm, op, x, src, dst, weight, bias, prologue)
 
 
 def fused(op: SparseOp, x: ME.SparseTensor, src: BlockLayout, dst: BlockLayout, weight, bias) -> Tensor:
@@ -300,19 +421,36 @@ def candidates(op: SparseOp) -> list[str]:
     return ["block", "dense"]
 
 
-def run(name: str, op: SparseOp, x: ME.SparseTensor, weight: Tensor | None, bias: Tensor | None):
+FOLDS_PROLOGUE = {"block", "dense", "gemm"}  # the dataflows that take a prologue without saving its output
+
+
+def run(
+    name: str, op: SparseOp, x: ME.SparseTensor, weight: Tensor | None, bias: Tensor | None,
+    prologue: Prologue | None = None,
+):  # fmt: skip
     """Compute `op` on `x` with dataflow `name`: (features [N_out, C_out], output coordinate map key).
 
-    Tensors not on a canonical block map (not made by `sparsify`) always run on ``me``. A batch
-    without any site is refused, whatever the dataflow (ME's functions crash on an empty map).
+    With a `prologue` (bn_relu.py) the op's input is relu(x.F * scale + shift): the ``block``,
+    ``dense`` and ``gemm`` dataflows make it on the fly and never save it; the others get it as an
+    ordinary tensor. Tensors not on a canonical block map (not made by `sparsify`) always run on
+    ``me``. A batch without any site is refused, whatever the dataflow (ME's functions crash on an
+    empty map).
     """
     if len(x.F) == 0:
         raise ValueError(f"no visible site in the batch (every image is fully masked): cannot run {op!r}")
     geometry = geometry_of(x)
     src = geometry.layout_of(x) if geometry is not None else None
+    if prologue is not None and (src is None or name not in FOLDS_PROLOGUE):
+        feats = _materialised(x.F, prologue)
+        x = ME.SparseTensor(
+            feats, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager
+        )
+        prologue = None
     if src is None:
         return me(op, x, None, None, weight, bias)
     dst = geometry.layout(src.stride * op.stride)
     if name == "me":
         return me(op, x, src, dst, weight, bias)
+    if prologue is not None:
+        return DATAFLOWS[name](op, x, src, dst, weight, bias, prologue), dst.key
     return DATAFLOWS[name](op, x, src, dst, weight, bias), dst.key

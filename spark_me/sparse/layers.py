@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spark_me.sparse import dataflows
+from spark_me.sparse.bn_relu import Prologue, batchnorm_relu
 from spark_me.sparse.dataflows import SparseOp
 from spark_me.sparse.geometry import layout_of
-from spark_me.sparse.sync_batchnorm import sync_batch_norm_rows, synchronised
+from spark_me.sparse.sync_batchnorm import sync_batch_norm_rows, synchronised, tracked_momentum
 from spark_me.sparse.tuner import DataflowTuner, rule_for
 
 
@@ -56,12 +57,14 @@ class _TunedOp(nn.Module):
     tuner: DataflowTuner | None = None
     last_dataflow: str | None = None
 
-    def run_op(self, x: ME.SparseTensor, weight: Tensor | None, bias: Tensor | None) -> ME.SparseTensor:
+    def run_op(
+        self, x: ME.SparseTensor, weight: Tensor | None, bias: Tensor | None, prologue: Prologue | None = None
+    ) -> ME.SparseTensor:
         if self.tuner is not None:
             self.last_dataflow = self.tuner.choose(self.op, x, weight, bias)
         else:
             self.last_dataflow = rule_for(self.op, x)
-        feats, key = dataflows.run(self.last_dataflow, self.op, x, weight, bias)
+        feats, key = dataflows.run(self.last_dataflow, self.op, x, weight, bias, prologue)
         return ME.SparseTensor(feats, coordinate_map_key=key, coordinate_manager=x.coordinate_manager)
 
 
@@ -91,12 +94,15 @@ class SparseConv2d(_TunedOp):
             bound = 1 / math.sqrt(self.in_channels * self.kernel_size**2)
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+    def forward(self, x: ME.SparseTensor, prologue: Prologue | None = None) -> ME.SparseTensor:
+        """conv(x), or with a `prologue` conv(relu(bn(x))) without saving relu(bn(x)) (bn_relu.py)."""
         if self.kernel_size == 1 and self.stride == 1:  # a GEMM on the features, whatever the layout
             self.last_dataflow = "pointwise"
+            if prologue is not None:
+                return with_features(x, dataflows.pointwise(self.op, x.F, self.weight, self.bias, prologue))
             feats = F.linear(x.F, self.weight.view(self.out_channels, self.in_channels), self.bias)
             return with_features(x, feats)
-        return self.run_op(x, self.weight, self.bias)
+        return self.run_op(x, self.weight, self.bias, prologue)
 
     def extra_repr(self) -> str:
         return (
@@ -121,8 +127,9 @@ class SparseDepthwiseConv2d(_TunedOp):
             bound = 1 / math.sqrt(self.kernel_size**2)
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
-        return self.run_op(x, self.weight, self.bias)
+    def forward(self, x: ME.SparseTensor, prologue: Prologue | None = None) -> ME.SparseTensor:
+        """conv(x), or with a `prologue` conv(relu(bn(x))) (bn_relu.py)."""
+        return self.run_op(x, self.weight, self.bias, prologue)
 
     def extra_repr(self) -> str:
         return f"{self.channels}, kernel_size={self.kernel_size}"
@@ -141,11 +148,7 @@ class SparseBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:  # type: ignore[override]
         if synchronised(self):
             return with_features(x, sync_batch_norm_rows(self, x.F, self.sync_group))
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                momentum = 1.0 / float(self.num_batches_tracked)
+        momentum = tracked_momentum(self) if self.training else 0.0
         use_batch_stats = self.training or self.running_mean is None
         track = not self.training or self.track_running_stats
         out = F.batch_norm(
@@ -159,6 +162,12 @@ class SparseBatchNorm2d(nn.BatchNorm2d):
             self.eps,
         )
         return with_features(x, out)
+
+    def relu_prologue(self, x: ME.SparseTensor) -> Prologue:
+        """What the next op needs to compute relu(self(x)) itself, in its forward and again in its
+        backward, so that the ReLU's output is never saved (bn_relu.py); running statistics and
+        synchronisation as `forward`."""
+        return batchnorm_relu(self, x.F)
 
 
 class SparseLayerNorm(nn.LayerNorm):
@@ -230,8 +239,9 @@ class SparseMaxPool2d(_TunedOp):
         self.kernel_size, self.stride = kernel_size, stride
         self.op = SparseOp("maxpool", kernel_size, stride, channels, channels)
 
-    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
-        return self.run_op(x, None, None)
+    def forward(self, x: ME.SparseTensor, prologue: Prologue | None = None) -> ME.SparseTensor:
+        """max-pool(x), or with a `prologue` max-pool(relu(bn(x))) without saving relu(bn(x))."""
+        return self.run_op(x, None, None, prologue)
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}"

@@ -18,22 +18,29 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 
-def _all_reduce(t: Tensor, group) -> Tensor:
+def all_reduce(t: Tensor, group) -> Tensor:
     dist.all_reduce(t, group=group)
     return t
+
+
+def global_moments(wide: Tensor, group) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(mean, biased var, count, rows - mean) over the rows [N, C] of every process in `group`, in
+    two passes (the mean, then the centred second moment: accurate float32 variances when the mean
+    is large)."""
+    channels = wide.shape[1]
+    first = all_reduce(torch.cat([wide.sum(0), wide.new_tensor([float(wide.shape[0])])]), group)
+    count = first[channels]
+    mean = first[:channels] / count
+    centred = wide - mean
+    var = all_reduce((centred * centred).sum(0), group) / count
+    return mean, var, count, centred
 
 
 class _SyncBatchNormRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float, group):
         acc = torch.promote_types(x.dtype, torch.float32)
-        xf = x.to(acc)
-        channels = x.shape[1]
-        first = _all_reduce(torch.cat([xf.sum(0), xf.new_tensor([float(x.shape[0])])]), group)
-        count = first[channels]
-        mean = first[:channels] / count
-        centred = xf - mean
-        var = _all_reduce((centred * centred).sum(0), group) / count
+        mean, var, count, centred = global_moments(x.to(acc), group)
         invstd = (var + eps).rsqrt()
         y = (centred * invstd * weight.to(acc) + bias.to(acc)).to(x.dtype)
         ctx.save_for_backward(x, weight, mean, invstd)
@@ -45,15 +52,24 @@ class _SyncBatchNormRows(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor, *_):
         x, weight, mean, invstd = ctx.saved_tensors
-        acc = mean.dtype
-        g = grad.to(acc)
-        xhat = (x.to(acc) - mean) * invstd
-        local = torch.cat([g.sum(0), (g * xhat).sum(0)])
-        channels = x.shape[1]
-        grad_bias, grad_weight = local[:channels].clone(), local[channels:].clone()
-        total = _all_reduce(local, ctx.group) / ctx.count
-        grad_x = (weight.to(acc) * invstd) * (g - total[:channels] - xhat * total[channels:])
-        return grad_x.to(x.dtype), grad_weight.to(weight.dtype), grad_bias.to(weight.dtype), None, None
+        return *sync_batch_norm_backward(grad, x, weight, mean, invstd, ctx.count, ctx.group), None, None
+
+
+def sync_batch_norm_backward(
+    grad: Tensor, x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor, count: Tensor, group
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad x, grad weight, grad bias) of a training BatchNorm whose statistics (mean, invstd) are
+    those of `count` rows over `group`: the two sums the input gradient needs are all-reduced; the
+    weight and bias gradients stay local (DDP averages them like any other)."""
+    acc = mean.dtype
+    g = grad.to(acc)
+    xhat = (x.to(acc) - mean) * invstd
+    local = torch.cat([g.sum(0), (g * xhat).sum(0)])
+    channels = x.shape[1]
+    grad_bias, grad_weight = local[:channels].clone(), local[channels:].clone()
+    total = all_reduce(local, group) / count
+    grad_x = (weight.to(acc) * invstd) * (g - total[:channels] - xhat * total[channels:])
+    return grad_x.to(x.dtype), grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
 
 
 def sync_batch_norm_rows(bn: nn.modules.batchnorm._BatchNorm, rows: Tensor, group=None) -> Tensor:
@@ -61,11 +77,7 @@ def sync_batch_norm_rows(bn: nn.modules.batchnorm._BatchNorm, rows: Tensor, grou
     `group`; updates `bn`'s running statistics exactly as a single process holding all rows would."""
     if bn.weight is None:
         raise ValueError("synchronised BatchNorm needs affine parameters")
-    momentum = bn.momentum
-    if bn.track_running_stats:
-        bn.num_batches_tracked.add_(1)
-        if momentum is None:  # cumulative moving average
-            momentum = 1.0 / float(bn.num_batches_tracked)
+    momentum = tracked_momentum(bn)
     running = (bn.running_mean, bn.running_var) if bn.track_running_stats else (None, None)
     return sync_batch_norm(rows, *running, bn.weight, bn.bias, momentum, bn.eps, group)
 
@@ -88,11 +100,30 @@ def sync_batch_norm(
     bias = bias if bias is not None else rows.new_zeros(channels)
     y, mean, var, count = _SyncBatchNormRows.apply(rows, weight, bias, eps, group)
     if running_mean is not None and running_var is not None:
-        with torch.no_grad():
-            unbiased = var * (count / (count - 1)).clamp_min(0) if count > 1 else var
-            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-            running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+        update_running_stats(running_mean, running_var, mean, var, count, momentum)
     return y
+
+
+def tracked_momentum(bn: nn.modules.batchnorm._BatchNorm) -> float:
+    """A training step's BatchNorm bookkeeping (as nn.BatchNorm2d's): counts the batch, and returns
+    the momentum (1 / batches for the cumulative average of `momentum=None`)."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    return momentum
+
+
+def update_running_stats(
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: Tensor, momentum: float
+) -> None:
+    """Move the running statistics towards the batch's (unbiased variance) by `momentum`, as
+    F.batch_norm does; `var` is the biased variance of `count` values."""
+    with torch.no_grad():
+        unbiased = var * (count / (count - 1)).clamp_min(0) if count > 1 else var
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        running_var.lerp_(unbiased.to(running_var.dtype), momentum)
 
 
 def synchronised(bn: nn.Module) -> bool:

@@ -40,6 +40,7 @@ KERNELS = {
     "bmm",
     "max_pool2d_with_indices",
     "max_pool2d_with_indices_backward",
+    "index_add_",  # the max-pool's backward (dataflows._MaxPool)
     "avg_pool2d",
     "avg_pool2d_backward",
 }

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -132,20 +133,29 @@ def encoder_data() -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
 def encoder_step(model: nn.Module, encoder: nn.Module, images, active, probes) -> dict:
     """One train-mode forward/backward: the maps, the sparse BNs' outputs [N, C] by name (those of
     the hand-written encoder), input and parameter gradients, running statistics."""
-    outputs = {}
+    outputs, folded = {}, {}
+    names = {m: name for name, m in encoder.named_modules() if isinstance(m, SparseBatchNorm2d)}
     hooks = [
         m.register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o.F.detach().clone()))
-        for name, m in encoder.named_modules()
-        if isinstance(m, SparseBatchNorm2d)
+        for m, name in names.items()
     ]
+    relu_prologue = SparseBatchNorm2d.relu_prologue
+
+    def recorded(bn, x):  # a BN folded into the next op (bn_relu.py): its statistics
+        prologue = relu_prologue(bn, x)
+        folded[names[bn]] = torch.cat([prologue.mean, prologue.invstd])
+        return prologue
+
     images = images.clone().requires_grad_(True)
-    maps = model(images, active)
+    with mock.patch.object(SparseBatchNorm2d, "relu_prologue", recorded):
+        maps = model(images, active)
     sum((m * p).sum() for m, p in zip(maps, probes, strict=True)).backward()
     for hook in hooks:
         hook.remove()
     return {
         "maps": [m.detach() for m in maps],
         "bn": outputs,
+        "folded": folded,
         "grad_images": images.grad,
         "grads": {n: p.grad.clone() for n, p in encoder.named_parameters()},
         "stats": {n: b.clone() for n, b in encoder.named_buffers() if "running" in n},
@@ -175,10 +185,14 @@ def test_sparse_encoder_bns_synchronise_under_ddp(two_processes: Path, kind: str
     single = make_encoder(kind)
     want = encoder_step(single, single, *encoder_data())
 
-    assert len(want["stats"]) == 2 * 12 and len(want["bn"]) == (12 if kind == "hand-written" else 0)
+    assert len(want["stats"]) == 2 * 12
+    assert len(want["bn"]) + len(want["folded"]) == (12 if kind == "hand-written" else 0)
     for name, rows in want["bn"].items():  # block-major rows: image 0's sites, then image 1's
         assert len(ranks[0]["bn"][name]) != len(ranks[1]["bn"][name])
         assert close(torch.cat([r["bn"][name] for r in ranks]), rows), f"BN output {name}"
+    for name, terms in want["folded"].items():  # the global statistics, on each rank
+        for r in ranks:
+            assert close(r["folded"][name], terms), f"folded BN {name}"
     for i, m in enumerate(want["maps"]):
         assert close(torch.cat([r["maps"][i] for r in ranks]), m), f"map {i}"
     assert close(torch.cat([r["grad_images"] for r in ranks]), want["grad_images"])
