@@ -12,11 +12,18 @@
 //
 // gather_sum is the forward of the fused sparse dataflow and, through the flipped / inverse window
 // table, its backward-data (a gather, no scatter-add); the two wgrad kernels are the per-channel
-// weight-gradient reductions of the fused dataflow and of the block / dense dataflows.
+// weight-gradient reductions of the fused dataflow and of the block / dense dataflows. Where the
+// compiler targets AVX512-BF16 (-march=native on such a CPU), gather_sum and gather_wgrad take bf16
+// rows 32 channels at a time through vdpbf16ps (two products per lane and instruction: x2.1-2.3 on
+// ConvNeXt's 7x7 layers, benchmarks/README.md).
 #include <omp.h>
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -145,6 +152,99 @@ inline void gather_sum_rows(const T* x, i64 n, const i64* idx, i64 kk, const T* 
     for (int u = 0; u < U; ++u) storev(out + q * C + c0 + u * L, acc[q][u]);
 }
 
+#if defined(__AVX512BF16__)
+// -- bf16 on CPUs with AVX512-BF16 -----------------------------------------------------------------
+// vdpbf16ps adds two bf16 products to each float lane: a pair of terms of a sum (two kernel offsets
+// of one output, or two rows of one weight gradient) per channel and instruction, where the float
+// path converts each bf16 vector and does one product per lane. The pairs are made by interleaving
+// two 32-channel bf16 vectors word by word (unpacklo / unpackhi, which work within 128-bit lanes),
+// so `lo` accumulates channels 8L..8L+3 and `hi` channels 8L+4..8L+7 of each lane L; `channels`
+// puts them back in order. Products of bf16 values are exact in float; like the instruction,
+// denormal inputs count as zero.
+constexpr bool kPairs = true;
+
+inline __m512bh pairs_lo(__m512i a, __m512i b) { return (__m512bh)_mm512_unpacklo_epi16(a, b); }
+inline __m512bh pairs_hi(__m512i a, __m512i b) { return (__m512bh)_mm512_unpackhi_epi16(a, b); }
+inline __m512i load32(const bf16* p) { return _mm512_loadu_si512(p); }
+
+// (channels c0..c0+15, c0+16..c0+31) as float vectors, from the lo / hi accumulators
+inline void channels(__m512 lo, __m512 hi, vf* first, vf* second) {
+  const __m512i a = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i b = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  __m512 f = _mm512_permutex2var_ps(lo, a, hi), s = _mm512_permutex2var_ps(lo, b, hi);
+  std::memcpy(first, &f, sizeof f);
+  std::memcpy(second, &s, sizeof s);
+}
+
+// gather_sum_rows for bf16, 32 channels: offsets j, j+1 paired
+template <int R>
+inline void gather_sum_pairs(const bf16* x, i64 n, const i64* idx, i64 kk, const bf16* w, const bf16* bias,
+                             i64 C, i64 c0, bf16* out) {
+  const __m512i zero = _mm512_setzero_si512();
+  __m512 lo[R], hi[R];
+  for (int q = 0; q < R; ++q) lo[q] = hi[q] = _mm512_setzero_ps();
+  for (i64 j = 0; j < kk; j += 2) {
+    const bool two = j + 1 < kk;
+    const __m512i wa = load32(w + j * C + c0), wb = two ? load32(w + (j + 1) * C + c0) : zero;
+    const __m512bh wlo = pairs_lo(wa, wb), whi = pairs_hi(wa, wb);
+    for (int q = 0; q < R; ++q) {
+      const i64 ra = idx[q * kk + j], rb = two ? idx[q * kk + j + 1] : n;
+      if (ra >= n && rb >= n) continue;
+      const __m512i xa = ra < n ? load32(x + ra * C + c0) : zero, xb = rb < n ? load32(x + rb * C + c0) : zero;
+      lo[q] = _mm512_dpbf16_ps(lo[q], pairs_lo(xa, xb), wlo);
+      hi[q] = _mm512_dpbf16_ps(hi[q], pairs_hi(xa, xb), whi);
+    }
+  }
+  for (int q = 0; q < R; ++q) {
+    vf first, second;
+    channels(lo[q], hi[q], &first, &second);
+    if (bias) {
+      first += loadv(bias + c0);
+      second += loadv(bias + c0 + 16);
+    }
+    storev(out + q * C + c0, first);
+    storev(out + q * C + c0 + 16, second);
+  }
+}
+
+// gather_wgrad_vec for bf16, 32 channels, J offsets: rows i, i+1 paired
+template <int J>
+inline void gather_wgrad_pairs(const bf16* x, i64 n, const i64* idx, i64 i0, i64 i1, i64 kk, i64 j0,
+                               const bf16* g, i64 C, i64 c0, float* gw) {
+  const __m512i zero = _mm512_setzero_si512();
+  __m512 lo[J], hi[J];
+  for (int q = 0; q < J; ++q) lo[q] = hi[q] = _mm512_setzero_ps();
+  for (i64 i = i0; i < i1; i += 2) {
+    const bool two = i + 1 < i1;
+    const __m512i ga = load32(g + i * C + c0), gb = two ? load32(g + (i + 1) * C + c0) : zero;
+    const __m512bh glo = pairs_lo(ga, gb), ghi = pairs_hi(ga, gb);
+    for (int q = 0; q < J; ++q) {
+      const i64 ra = idx[i * kk + j0 + q], rb = two ? idx[(i + 1) * kk + j0 + q] : n;
+      if (ra >= n && rb >= n) continue;
+      const __m512i xa = ra < n ? load32(x + ra * C + c0) : zero, xb = rb < n ? load32(x + rb * C + c0) : zero;
+      lo[q] = _mm512_dpbf16_ps(lo[q], pairs_lo(xa, xb), glo);
+      hi[q] = _mm512_dpbf16_ps(hi[q], pairs_hi(xa, xb), ghi);
+    }
+  }
+  for (int q = 0; q < J; ++q) {
+    vf first, second;
+    channels(lo[q], hi[q], &first, &second);
+    float* dst = gw + (j0 + q) * C + c0;
+    storev(dst, loadv(dst) + first);
+    storev(dst + 16, loadv(dst + 16) + second);
+  }
+}
+#else
+constexpr bool kPairs = false;
+template <int R>
+inline void gather_sum_pairs(const bf16*, i64, const i64*, i64, const bf16*, const bf16*, i64, i64, bf16*) {}
+template <int J>
+inline void gather_wgrad_pairs(const bf16*, i64, const i64*, i64, i64, i64, i64, const bf16*, i64, i64, float*) {}
+#endif
+
+template <typename T>
+constexpr bool kPaired = kPairs && std::is_same_v<T, bf16>;
+
 template <typename T>
 void gather_sum(const T* x, i64 n, const i64* idx, i64 m, i64 kk, const T* w, const T* bias, T* out, i64 C,
                 int threads) {
@@ -157,6 +257,8 @@ void gather_sum(const T* x, i64 n, const i64* idx, i64 m, i64 kk, const T* w, co
       const i64* rows = idx + i0 * kk;
       T* o = out + i0 * C;
       i64 c = 0;
+      if constexpr (kPaired<T>)
+        for (; c + 2 * L <= C; c += 2 * L) gather_sum_pairs<R>(x, n, rows, kk, w, bias, C, c, o);
       for (; c + 2 * L <= C; c += 2 * L) gather_sum_rows<T, 2, R>(x, n, rows, kk, w, bias, C, c, o);
       for (; c + L <= C; c += L) gather_sum_rows<T, 1, R>(x, n, rows, kk, w, bias, C, c, o);
       for (; c < C; ++c)
@@ -204,6 +306,10 @@ template <typename T, int U>
 inline void gather_wgrad_offsets(const T* x, i64 n, const i64* idx, i64 i0, i64 i1, i64 kk, const T* g, i64 C,
                                  i64 c0, typename Acc<T>::S* gw) {
   i64 j = 0;
+  if constexpr (kPaired<T> && U == 2) {
+    for (; j + 4 <= kk; j += 4) gather_wgrad_pairs<4>(x, n, idx, i0, i1, kk, j, g, C, c0, gw);
+    for (; j < kk; ++j) gather_wgrad_pairs<1>(x, n, idx, i0, i1, kk, j, g, C, c0, gw);
+  }
   for (; j + 4 <= kk; j += 4) gather_wgrad_vec<T, U, 4>(x, n, idx, i0, i1, kk, j, g, C, c0, gw);
   for (; j < kk; ++j) gather_wgrad_vec<T, U, 1>(x, n, idx, i0, i1, kk, j, g, C, c0, gw);
 }

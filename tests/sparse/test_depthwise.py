@@ -155,6 +155,35 @@ def test_bfloat16_under_autocast_close_to_float64(name: str, gen) -> None:
         assert rel_err(a.double(), r) <= 3e-2, f"{what}: {rel_err(a.double(), r):.2e}"
 
 
+@pytest.mark.parametrize("kk", [49, 9, 4])  # odd and even numbers of offsets (paired two by two)
+@pytest.mark.parametrize("channels", [72, 8])  # 32-channel vectors + a 16-channel one + scalars; scalars
+def test_bf16_kernels_round_only_their_result(kk: int, channels: int, gen: torch.Generator) -> None:
+    """bf16 gather_sum / gather_weight_grad == float64 sums of the same bf16 values, but for one
+    rounding of the result to bf16 (half an ulp: 2^-8 relative) and float accumulation. The loose
+    bf16-vs-float64 test above would not see a dropped term; this one does. On CPUs with
+    AVX512-BF16 the 32-channel blocks take the vdpbf16ps path (terms paired), elsewhere the float
+    one."""
+    n, m = 37, 23  # m: neither a multiple of the 4 rows the forward takes at once nor even
+    x = torch.randn(n, channels, generator=gen).bfloat16()
+    weight = torch.randn(kk, channels, generator=gen).bfloat16()
+    bias = torch.randn(channels, generator=gen).bfloat16()
+    grad = torch.randn(m, channels, generator=gen).bfloat16()
+    index = torch.randint(0, n + 1, (m, kk), generator=gen)  # n: no site there
+    padded = torch.cat([x.double(), torch.zeros(1, channels, dtype=torch.float64)])[index]  # [m, kk, C]
+    for got, terms, extra in (
+        (depthwise.gather_sum(x, index, weight, bias), padded * weight.double(), bias.double()),
+        (
+            depthwise.gather_weight_grad(x, index, grad),
+            (padded * grad.double()[:, None]).transpose(0, 1),
+            0.0,
+        ),
+    ):
+        assert got.dtype == torch.bfloat16
+        ref = terms.sum(1) + extra
+        bound = 2**-8 * ref.abs() + 2**-16 * terms.abs().sum(1)
+        assert ((got.double() - ref).abs() <= bound).all(), float(((got.double() - ref).abs() / bound).max())
+
+
 def test_build_key_names_the_source(tmp_path) -> None:
     compiler = native._compiler()
     if compiler is None:
