@@ -13,11 +13,9 @@ its stride (random stride-32 mask), the variants run interleaved in one process,
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import time
-from pathlib import Path
 
 log = logging.getLogger("spark_me.bench.conv_flows")
 
@@ -59,19 +57,13 @@ def bench_layer(stride: int, channels: int, batch: int, size: int, ratio: float,
 
 
 def main(argv: list[str] | None = None) -> int:
+    from benchmarks.machine import add_shape_args, announce, write_result
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--ratio", type=float, default=0.6)
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--out", type=Path, default=None, help="write results JSON here")
+    add_shape_args(p, repeats=7)
     args = p.parse_args(argv)
-    import torch
 
-    from benchmarks.machine import cpu, cpu_line
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    log.info("on %s, %d threads", cpu_line(cpu()), torch.get_num_threads())
+    announce(log)
     rows = []
     for stride, channels in LAYERS:
         row = bench_layer(stride, channels, args.batch_size, args.size, args.ratio, args.repeats)
@@ -81,9 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             "  ".join(f"{name} {ms:.2f} ms" for name, ms in row["ms"].items()),
         )  # fmt: skip
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        result = {"cpu": cpu(), "threads": torch.get_num_threads(), "rows": rows}
-        args.out.write_text(json.dumps(result, indent=1))
+        write_result(args.out, rows)
     return 0
 
 

@@ -63,6 +63,19 @@ def saved_mib(loss_fn, params) -> float:
     return sum(seen.values()) / 2**20
 
 
+def sparse_loss(encoder, images, active, autocast):
+    """A loss function: the sum of a sparse encoder's four feature maps on `images` under `active`
+    (in `autocast`), what the encoder benchmarks differentiate."""
+    import spark_me
+
+    def loss():
+        with autocast:
+            feats = encoder.forward_sparse(spark_me.sparsify(images, active))
+        return sum(f.F.float().sum() for f in feats)
+
+    return loss
+
+
 # autograd nodes that only cast or re-view their one input
 _CAST_OR_VIEW = {"ToCopyBackward0", "ViewBackward0", "TBackward0", "PermuteBackward0", "UnsafeViewBackward0",
                  "ReshapeAliasBackward0", "AsStridedBackward0"}  # fmt: skip
@@ -120,14 +133,6 @@ def compare(arch: str, ratio: float, batch: int, size: int, amp: str, repeats: i
         torch.autocast(dev.type, dtype=getattr(torch, AMP[amp])) if AMP[amp] else contextlib.nullcontext()
     )
 
-    def sparse_loss(encoder):
-        def loss():
-            with autocast:
-                feats = encoder.forward_sparse(spark_me.sparsify(images, active))
-            return sum(f.F.float().sum() for f in feats)
-
-        return loss
-
     def loss_masked():
         x = images.contiguous(memory_format=torch.channels_last) if channels_last else images
         with autocast:
@@ -139,11 +144,12 @@ def compare(arch: str, ratio: float, batch: int, size: int, amp: str, repeats: i
             feats = stage_outputs(timm_model, stages, images)
         return sum(f.float().sum() for f in feats)
 
-    variants = {"sparse": sparse_loss(sparse), "masked_dense": loss_masked, "dense": loss_dense}
+    variants = {"sparse": sparse_loss(sparse, images, active, autocast), "masked_dense": loss_masked,
+                "dense": loss_dense}  # fmt: skip
     if hand and generic:
         twin = spark_me.create_encoder(arch, dataflow=dataflow, generic=True).to(dev)
         twin.load_state_dict(sparse.state_dict())
-        variants["generic"] = sparse_loss(twin)
+        variants["generic"] = sparse_loss(twin, images, active, autocast)
     for fn in variants.values():  # warm-up; the sparse ones tune their dataflows here
         fn().backward()
     times: dict[str, list[float]] = {name: [] for name in variants}

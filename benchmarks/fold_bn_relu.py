@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import statistics
 import time
-from pathlib import Path
 
 log = logging.getLogger("spark_me.bench.fold_bn_relu")
 
@@ -30,7 +28,7 @@ def compare(arch: str, batch: int, size: int, ratio: float, amp: str, repeats: i
     import torch
 
     import spark_me
-    from benchmarks.encoder import AMP, saved_mib
+    from benchmarks.encoder import AMP, saved_mib, sparse_loss
     from spark_me.models.reference import MaskedDenseEncoder
 
     torch.manual_seed(0)
@@ -43,19 +41,14 @@ def compare(arch: str, batch: int, size: int, ratio: float, amp: str, repeats: i
     active = spark_me.random_mask(batch, size, size, ratio)
     autocast = torch.autocast("cpu", dtype=getattr(torch, AMP[amp])) if AMP[amp] else contextlib.nullcontext()
 
-    def sparse_loss(encoder):
-        def loss():
-            with autocast:
-                feats = encoder.forward_sparse(spark_me.sparsify(images, active))
-            return sum(f.F.float().sum() for f in feats)
-
-        return loss
-
     def masked_loss():
         with autocast:
             return sum(f.float().sum() for f in masked(images, active))
 
-    variants = {"folded": sparse_loss(encoders[True]), "layer_by_layer": sparse_loss(encoders[False])}
+    variants = {
+        name: sparse_loss(encoders[fold], images, active, autocast)
+        for name, fold in (("folded", True), ("layer_by_layer", False))
+    }
     for fn in variants.values():
         fn().backward()  # warm-up: tunes the dataflows
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -77,21 +70,14 @@ def compare(arch: str, batch: int, size: int, ratio: float, amp: str, repeats: i
 
 
 def main(argv: list[str] | None = None) -> int:
+    from benchmarks.machine import add_shape_args, announce, write_result
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archs", nargs="+", default=["resnet50"])
     p.add_argument("--amp", nargs="+", default=["none"], choices=["none", "bf16"])
-    p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--ratio", type=float, default=0.6)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", type=Path, default=None, help="write results JSON here")
+    add_shape_args(p, repeats=5)
     args = p.parse_args(argv)
-    import torch
-
-    from benchmarks.machine import cpu, cpu_line
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    log.info("on %s", cpu_line(cpu()))
+    announce(log)
     rows = []
     for arch in args.archs:
         for amp in args.amp:
@@ -105,9 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                 sec["layer_by_layer"], row["time_folded_vs_layer_by_layer"],
             )  # fmt: skip
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        result = {"cpu": cpu(), "threads": torch.get_num_threads(), "rows": rows}
-        args.out.write_text(json.dumps(result, indent=1))
+        write_result(args.out, rows)
     return 0
 
 

@@ -37,3 +37,31 @@ def cpu() -> dict:
 def cpu_line(info: dict) -> str:
     """One line: 'AMD EPYC (2 cores, 2 threads; avx2 avx512f avx512_bf16)'."""
     return f"{info['model']} ({info['cores']} cores, {info['threads']} threads; {' '.join(info['flags'])})"
+
+
+def write_result(path: Path, rows: list[dict]) -> None:
+    """A benchmark's JSON: {"cpu": cpu(), "threads": torch's threads, "rows": rows}."""
+    import json
+
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"cpu": cpu(), "threads": torch.get_num_threads(), "rows": rows}, indent=1))
+
+
+def add_shape_args(parser, repeats: int) -> None:
+    """The flags of the small interleaved benchmarks (conv_flows, fold_bn_relu): batch, image size,
+    mask ratio, repeats, JSON output."""
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--ratio", type=float, default=0.6)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--out", type=Path, default=None, help="write results JSON here")
+
+
+def announce(log) -> None:
+    """Timestamped INFO logging, and the CPU and thread count as the first line."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    log.info("on %s", cpu_line(cpu()))

@@ -33,8 +33,12 @@ def bn_relu(bn: SparseBatchNorm2d, act: SparseActivation, y: ME.SparseTensor, fo
     return (y, bn.relu_prologue(y)) if fold else (act(bn(y)), None)
 
 
-class SparseBasicBlock(nn.Module):
-    expansion = 1
+class _ResidualBlock(nn.Module):
+    """What both kinds of block share: the branch's layers (`build`, registered first, in timm's
+    order), then the projection shortcut (`downsample`, or None) and stochastic depth; `fold`:
+    whether BN -> ReLU is folded into the next op."""
+
+    expansion: int
 
     def __init__(
         self,
@@ -47,14 +51,24 @@ class SparseBasicBlock(nn.Module):
     ):
         super().__init__()
         self.fold = fold_bn_relu
+        self.build(inplanes, planes, stride)
+        self.downsample = downsample
+        self.drop_path = SparseDropPath(drop_path)
+
+    def build(self, inplanes: int, planes: int, stride: int) -> None:
+        raise NotImplementedError
+
+
+class SparseBasicBlock(_ResidualBlock):
+    expansion = 1
+
+    def build(self, inplanes: int, planes: int, stride: int) -> None:
         self.conv1 = SparseConv2d(inplanes, planes, 3, stride)
         self.bn1 = SparseBatchNorm2d(planes)
         self.act1 = SparseActivation(nn.ReLU())
         self.conv2 = SparseConv2d(planes, planes, 3)
         self.bn2 = SparseBatchNorm2d(planes)
         self.act2 = SparseActivation(nn.ReLU())
-        self.downsample = downsample
-        self.drop_path = SparseDropPath(drop_path)
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn2.weight)
@@ -67,20 +81,10 @@ class SparseBasicBlock(nn.Module):
         return self.act2(add(x, shortcut))
 
 
-class SparseBottleneck(nn.Module):
+class SparseBottleneck(_ResidualBlock):
     expansion = 4
 
-    def __init__(
-        self,
-        inplanes: int,
-        planes: int,
-        stride: int,
-        downsample: nn.Module | None,
-        drop_path: float,
-        fold_bn_relu: bool = True,
-    ):
-        super().__init__()
-        self.fold = fold_bn_relu
+    def build(self, inplanes: int, planes: int, stride: int) -> None:
         width = planes
         self.conv1 = SparseConv2d(inplanes, width, 1)
         self.bn1 = SparseBatchNorm2d(width)
@@ -91,8 +95,6 @@ class SparseBottleneck(nn.Module):
         self.conv3 = SparseConv2d(width, planes * self.expansion, 1)
         self.bn3 = SparseBatchNorm2d(planes * self.expansion)
         self.act3 = SparseActivation(nn.ReLU())
-        self.downsample = downsample
-        self.drop_path = SparseDropPath(drop_path)
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn3.weight)
