@@ -161,7 +161,7 @@ def _strided_pointwise_backward(grad: Tensor, g: Tensor, weight: Tensor, stride:
         grad_g[:, :, ::stride, ::stride] = sampled
     if needs[1]:
         x = g[:, :, ::stride, ::stride].permute(0, 2, 3, 1).reshape(-1, in_ch)
-        grad_w = (rows.t() @ x).view(out_ch, in_ch, 1, 1)
+        grad_w = (rows.t() @ x).as_strided(weight.shape, weight.stride())  # the weight's own strides
     return grad_g, grad_w, rows.sum(0) if needs[2] else None
 
 
@@ -360,11 +360,16 @@ def _materialised(feats: Tensor, p: Prologue | None) -> Tensor:
     return feats if p is None else BatchNormReLU.apply(feats, p.weight, p.bias, p)
 
 
-def pointwise(op: SparseOp, feats: Tensor, weight: Tensor, bias: Tensor | None, p: Prologue) -> Tensor:
-    """A 1x1 / stride-1 conv of relu(bn(feats)) (the prologue), not saving its input."""
+def pointwise(
+    op: SparseOp, feats: Tensor, weight: Tensor, bias: Tensor | None, p: Prologue | None = None
+) -> Tensor:
+    """A 1x1 / stride-1 conv: one GEMM on the rows [N, C] (of relu(bn(feats)) with a prologue, not
+    saving it); the weight gradient comes back in the weight's own strides."""
     dtype = compute_dtype(feats, op)
     bias = bias.to(dtype) if bias is not None else None
     flow = _Pointwise(op, None, None)
+    if p is None:
+        return _Gathered.apply(feats.to(dtype).contiguous(), weight.to(dtype), bias, flow)
     return _Gathered.apply(feats.contiguous(), weight.to(dtype), bias, flow, p.weight, p.bias, p, dtype)
 
 

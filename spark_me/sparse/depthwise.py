@@ -182,10 +182,16 @@ def maps_backward(
             ]
             grad_g = F.conv_transpose2d(grad, weight, None, stride, padding, extra, channels)
     if needs[1]:
-        grad_w = map_weight_grad(g, grad, k, stride, padding)
+        grad_w = in_layout_of(weight, map_weight_grad(g, grad, k, stride, padding))
     if needs[2]:
         grad_b = grad.sum((0, 2, 3))
     return grad_g, grad_w, grad_b
+
+
+def in_layout_of(weight: Tensor, grad: Tensor) -> Tensor:
+    """`grad` with `weight`'s strides (a copy of these few k*k*C values where they differ), so that
+    AccumulateGrad and DDP's gradient buckets take it as it is."""
+    return grad if grad.stride() == weight.stride() else torch.empty_like(weight).copy_(grad)
 
 
 # -- the fused dataflow ---------------------------------------------------------------------------
@@ -231,7 +237,7 @@ class FusedDepthwise(torch.autograd.Function):
             else:
                 grad_feats = gather_sum(grad, inverse_windows(windows, len(feats)), columns)
         if ctx.needs_input_grad[1]:
-            grad_w = gather_weight_grad(feats, windows, grad).t().reshape(weight.shape)
+            grad_w = in_layout_of(weight, gather_weight_grad(feats, windows, grad).t().reshape(weight.shape))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum(0)
         return grad_feats, grad_w, grad_b, None, None

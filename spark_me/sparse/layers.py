@@ -98,10 +98,7 @@ class SparseConv2d(_TunedOp):
         """conv(x), or with a `prologue` conv(relu(bn(x))) without saving relu(bn(x)) (bn_relu.py)."""
         if self.kernel_size == 1 and self.stride == 1:  # a GEMM on the features, whatever the layout
             self.last_dataflow = "pointwise"
-            if prologue is not None:
-                return with_features(x, dataflows.pointwise(self.op, x.F, self.weight, self.bias, prologue))
-            feats = F.linear(x.F, self.weight.view(self.out_channels, self.in_channels), self.bias)
-            return with_features(x, feats)
+            return with_features(x, dataflows.pointwise(self.op, x.F, self.weight, self.bias, prologue))
         return self.run_op(x, self.weight, self.bias, prologue)
 
     def extra_repr(self) -> str:

@@ -190,3 +190,21 @@ def test_deepcopy_and_state_dict_round_trip(pair_factory, gen, tmp_path) -> None
     for other in (clone, fresh):
         for a, b in zip(other(images, active), expected, strict=True):
             assert max_rel_err(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_gradients_arrive_in_their_parameters_layout(pair_factory, gen, arch: str, amp: str) -> None:
+    """Every gradient the backward hands to autograd has its parameter's strides (channels-last conv
+    weights included), so AccumulateGrad and DDP's buckets take it without a copy (DDP warns
+    "Grad strides do not match bucket view strides" otherwise)."""
+    sparse, _ = pair_factory(arch)
+    mismatched = []
+    for name, p in sparse.named_parameters():
+        p.register_hook(lambda g, p=p, n=name: mismatched.append(n) if g.stride() != p.stride() else None)
+    images = torch.randn(2, 3, 64, 96, generator=gen)
+    active = mask_for(images, 0.5, gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
+        maps = sparse(images, active)
+    sum(m.float().sum() for m in maps).backward()
+    assert not mismatched, mismatched

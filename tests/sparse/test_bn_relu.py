@@ -83,7 +83,9 @@ def close(a: torch.Tensor, b: torch.Tensor) -> bool:
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("stride", [4, 16])
 @pytest.mark.parametrize(("op", "dataflow"), CASES)
-def test_folded_equals_batch_norm_then_relu(op: str, dataflow: str, stride: int, train: bool, case: str, gen) -> None:
+def test_folded_equals_batch_norm_then_relu(
+    op: str, dataflow: str, stride: int, train: bool, case: str, gen
+) -> None:
     layer = OPS[op]().double()
     if dataflow != "pointwise":
         layer.tuner = DataflowTuner(dataflow)
