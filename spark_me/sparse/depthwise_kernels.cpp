@@ -163,9 +163,23 @@ inline void gather_sum_rows(const T* x, i64 n, const i64* idx, i64 kk, const T* 
 // denormal inputs count as zero.
 constexpr bool kPairs = true;
 
-inline __m512bh pairs_lo(__m512i a, __m512i b) { return (__m512bh)_mm512_unpacklo_epi16(a, b); }
-inline __m512bh pairs_hi(__m512i a, __m512i b) { return (__m512bh)_mm512_unpackhi_epi16(a, b); }
-inline __m512i load32(const bf16* p) { return _mm512_loadu_si512(p); }
+struct Pairs {  // (a[c], b[c]) of two 32-channel bf16 rows, lane order (see above)
+  __m512bh lo, hi;
+};
+
+// Rows ra, rb of `base` [rows, C] at channels c0..c0+31; a row >= `rows` (absent) reads as zeros.
+inline Pairs pairs_of(const bf16* base, i64 rows, i64 ra, i64 rb, i64 C, i64 c0) {
+  const __m512i zero = _mm512_setzero_si512();
+  const __m512i a = ra < rows ? _mm512_loadu_si512(base + ra * C + c0) : zero;
+  const __m512i b = rb < rows ? _mm512_loadu_si512(base + rb * C + c0) : zero;
+  return {(__m512bh)_mm512_unpacklo_epi16(a, b), (__m512bh)_mm512_unpackhi_epi16(a, b)};
+}
+
+// lo += x.lo . y.lo, hi += x.hi . y.hi: two products per float lane
+inline void dot_pairs(__m512* lo, __m512* hi, Pairs x, Pairs y) {
+  *lo = _mm512_dpbf16_ps(*lo, x.lo, y.lo);
+  *hi = _mm512_dpbf16_ps(*hi, x.hi, y.hi);
+}
 
 // (channels c0..c0+15, c0+16..c0+31) as float vectors, from the lo / hi accumulators
 inline void channels(__m512 lo, __m512 hi, vf* first, vf* second) {
@@ -180,19 +194,14 @@ inline void channels(__m512 lo, __m512 hi, vf* first, vf* second) {
 template <int R>
 inline void gather_sum_pairs(const bf16* x, i64 n, const i64* idx, i64 kk, const bf16* w, const bf16* bias,
                              i64 C, i64 c0, bf16* out) {
-  const __m512i zero = _mm512_setzero_si512();
   __m512 lo[R], hi[R];
   for (int q = 0; q < R; ++q) lo[q] = hi[q] = _mm512_setzero_ps();
   for (i64 j = 0; j < kk; j += 2) {
     const bool two = j + 1 < kk;
-    const __m512i wa = load32(w + j * C + c0), wb = two ? load32(w + (j + 1) * C + c0) : zero;
-    const __m512bh wlo = pairs_lo(wa, wb), whi = pairs_hi(wa, wb);
+    const Pairs wp = pairs_of(w, kk, j, j + 1, C, c0);
     for (int q = 0; q < R; ++q) {
       const i64 ra = idx[q * kk + j], rb = two ? idx[q * kk + j + 1] : n;
-      if (ra >= n && rb >= n) continue;
-      const __m512i xa = ra < n ? load32(x + ra * C + c0) : zero, xb = rb < n ? load32(x + rb * C + c0) : zero;
-      lo[q] = _mm512_dpbf16_ps(lo[q], pairs_lo(xa, xb), wlo);
-      hi[q] = _mm512_dpbf16_ps(hi[q], pairs_hi(xa, xb), whi);
+      if (ra < n || rb < n) dot_pairs(&lo[q], &hi[q], pairs_of(x, n, ra, rb, C, c0), wp);
     }
   }
   for (int q = 0; q < R; ++q) {
@@ -211,19 +220,14 @@ inline void gather_sum_pairs(const bf16* x, i64 n, const i64* idx, i64 kk, const
 template <int J>
 inline void gather_wgrad_pairs(const bf16* x, i64 n, const i64* idx, i64 i0, i64 i1, i64 kk, i64 j0,
                                const bf16* g, i64 C, i64 c0, float* gw) {
-  const __m512i zero = _mm512_setzero_si512();
   __m512 lo[J], hi[J];
   for (int q = 0; q < J; ++q) lo[q] = hi[q] = _mm512_setzero_ps();
   for (i64 i = i0; i < i1; i += 2) {
     const bool two = i + 1 < i1;
-    const __m512i ga = load32(g + i * C + c0), gb = two ? load32(g + (i + 1) * C + c0) : zero;
-    const __m512bh glo = pairs_lo(ga, gb), ghi = pairs_hi(ga, gb);
+    const Pairs gp = pairs_of(g, i1, i, i + 1, C, c0);
     for (int q = 0; q < J; ++q) {
       const i64 ra = idx[i * kk + j0 + q], rb = two ? idx[(i + 1) * kk + j0 + q] : n;
-      if (ra >= n && rb >= n) continue;
-      const __m512i xa = ra < n ? load32(x + ra * C + c0) : zero, xb = rb < n ? load32(x + rb * C + c0) : zero;
-      lo[q] = _mm512_dpbf16_ps(lo[q], pairs_lo(xa, xb), glo);
-      hi[q] = _mm512_dpbf16_ps(hi[q], pairs_hi(xa, xb), ghi);
+      if (ra < n || rb < n) dot_pairs(&lo[q], &hi[q], pairs_of(x, n, ra, rb, C, c0), gp);
     }
   }
   for (int q = 0; q < J; ++q) {
